@@ -1,0 +1,40 @@
+"""Trains, evaluates or predicts with a ResUNet; main is intentionally short.
+
+  python launch.py --config=configs/resunet.py --workdir=DIR [--mode=train|eval]
+      [--config.KEY=VALUE ...]
+"""
+
+import jax
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from resunet_jax import evaluate, train
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "Config file (ml_collections).")
+flags.DEFINE_string("workdir", None, "Run directory: checkpoints, logs, reports.")
+flags.DEFINE_enum("mode", "train", ["train", "eval"], "What to do.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    config = FLAGS.config
+    if config.distributed.enabled:
+        dist = config.distributed
+        jax.distributed.initialize(
+            dist.coordinator_address or None,
+            dist.num_processes or None,
+            None if dist.process_id < 0 else dist.process_id,
+        )
+    logging.info("JAX process %d/%d, devices: %s", jax.process_index(), jax.process_count(),
+                 jax.devices())  # fmt: skip
+    if FLAGS.mode == "train":
+        train.train_and_evaluate(config, FLAGS.workdir)
+    else:
+        evaluate.evaluate_checkpoint(config, FLAGS.workdir)
+
+
+if __name__ == "__main__":
+    app.run(main)

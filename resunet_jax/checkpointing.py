@@ -1,0 +1,174 @@
+"""Orbax checkpoints: the latest few for resuming, the best by validation Dice, exports.
+
+A checkpoint step holds up to three items:
+  model: {"params", "batch_stats"}      what evaluation and prediction need
+  train: {"opt_state", "step"}          optimizer state, only in training checkpoints
+  meta:  JSON {"step", "config", ...}   the run config (model, image size, normalisation)
+So an exported model (`pretrained/...`) is a checkpoint without `train`, and
+evaluation restores the model from the checkpoint's own config.
+"""
+
+import json
+import os
+
+import orbax.checkpoint as ocp
+from absl import logging
+from etils import epath
+
+LATEST_DIR = "checkpoints"
+BEST_DIR = "checkpoints_best"
+
+
+def _manager(directory, max_to_keep: int | None = None, read_only: bool = False):
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=max_to_keep, create=not read_only, read_only=read_only
+    )
+    return ocp.CheckpointManager(epath.Path(directory).absolute(), options=options)
+
+
+class Checkpointer:
+    """The latest `keep` training checkpoints of a workdir, plus the best one.
+
+    Args:
+        workdir: run directory; checkpoints go to `workdir/checkpoints` and
+            `workdir/checkpoints_best`.
+        keep: how many of the latest checkpoints to keep.
+    """
+
+    def __init__(self, workdir: str, keep: int):
+        self.latest = _manager(os.path.join(workdir, LATEST_DIR), max_to_keep=keep)
+        self.best = _manager(os.path.join(workdir, BEST_DIR), max_to_keep=1)
+
+    def save(self, state, meta: dict, best: bool = False):
+        """Saves a TrainState (asynchronously) with JSON metadata `meta`."""
+        manager = self.best if best else self.latest
+        step = int(state.step)
+        manager.save(step, args=_save_args(state, meta), force=True)
+
+    def restore_latest(self, abstract_state):
+        """Restores the newest readable training checkpoint.
+
+        Args:
+            abstract_state: TrainState of jax.ShapeDtypeStructs (from jax.eval_shape).
+
+        Returns:
+            (state, meta), or None when the workdir has no checkpoint.
+        """
+        for step in sorted(self.latest.all_steps(), reverse=True):
+            try:
+                restored = self.latest.restore(step, args=_restore_args(abstract_state))
+            except Exception as e:  # a damaged step: fall back to the one before
+                logging.warning("Checkpoint step %d unreadable (%s); trying an older one", step, e)
+                continue
+            state = abstract_state.replace(
+                step=restored["train"]["step"],
+                params=restored["model"]["params"],
+                batch_stats=restored["model"]["batch_stats"],
+                opt_state=restored["train"]["opt_state"],
+            )
+            return state, restored["meta"]
+        return None
+
+    def wait(self):
+        """Blocks until pending asynchronous saves are on disk."""
+        self.latest.wait_until_finished()
+        self.best.wait_until_finished()
+
+    def close(self):
+        self.latest.close()
+        self.best.close()
+
+
+def _model_tree(state):
+    return {"params": state.params, "batch_stats": state.batch_stats}
+
+
+def _save_args(state, meta):
+    return ocp.args.Composite(
+        model=ocp.args.StandardSave(_model_tree(state)),
+        train=ocp.args.StandardSave({"opt_state": state.opt_state, "step": state.step}),
+        meta=ocp.args.JsonSave(meta),
+    )
+
+
+def _restore_args(abstract_state):
+    return ocp.args.Composite(
+        model=ocp.args.StandardRestore(_model_tree(abstract_state)),
+        train=ocp.args.StandardRestore(
+            {"opt_state": abstract_state.opt_state, "step": abstract_state.step}
+        ),
+        meta=ocp.args.JsonRestore(),
+    )
+
+
+def export_model(directory: str, variables: dict, meta: dict):
+    """Writes model variables (no optimizer state) as a one-step checkpoint directory."""
+    manager = _manager(directory, max_to_keep=1)
+    manager.save(
+        int(meta["step"]),
+        args=ocp.args.Composite(
+            model=ocp.args.StandardSave(variables), meta=ocp.args.JsonSave(meta)
+        ),
+        force=True,
+    )
+    manager.wait_until_finished()
+    manager.close()
+
+
+def _candidates(path: str) -> list[tuple[str, int]]:
+    """(manager directory, step) pairs to try for `path`, most preferred first.
+
+    `path` may be a workdir (best checkpoint, then the latest ones), a checkpoint
+    directory (its steps, newest first) or one step's directory.
+    """
+    path = os.path.abspath(path)
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"{path}: no such checkpoint or workdir")
+    if os.path.isdir(os.path.join(path, "meta")) and os.path.basename(path).isdigit():
+        return [(os.path.dirname(path), int(os.path.basename(path)))]
+    if os.path.isdir(os.path.join(path, LATEST_DIR)) or os.path.isdir(os.path.join(path, BEST_DIR)):
+        dirs = [os.path.join(path, BEST_DIR), os.path.join(path, LATEST_DIR)]
+    else:
+        dirs = [path]
+    pairs = []
+    for d in dirs:
+        if os.path.isdir(d):
+            steps = sorted((int(n) for n in os.listdir(d) if n.isdigit()), reverse=True)
+            pairs += [(d, s) for s in steps]
+    return pairs
+
+
+def restore_model(path: str) -> tuple[dict, dict]:
+    """Restores model variables and metadata from a workdir or checkpoint path.
+
+    Prefers the best checkpoint, then the newest; an unreadable step is skipped with
+    a warning naming it.
+
+    Returns:
+        ({"params", "batch_stats"} as arrays, meta dict with "step" and "config").
+
+    Raises:
+        FileNotFoundError: nothing restorable at `path`.
+    """
+    for directory, step in _candidates(path):
+        manager = _manager(directory, read_only=True)
+        try:
+            restored = manager.restore(
+                step,
+                args=ocp.args.Composite(
+                    model=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore()
+                ),
+            )
+        except Exception as e:  # a damaged step: fall back to the next candidate
+            logging.warning("Checkpoint %s step %d unreadable (%s); skipped", directory, step, e)
+            continue
+        finally:
+            manager.close()
+        logging.info("Restored model from %s step %d", directory, step)
+        return dict(restored["model"]), dict(restored["meta"])
+    raise FileNotFoundError(f"{path}: no readable checkpoint found")
+
+
+def config_json(config) -> dict:
+    """The run config as a JSON-compatible dict (stored in every checkpoint's meta)."""
+    return json.loads(config.to_json())

@@ -1,0 +1,103 @@
+"""Which data a run uses: the folder (real or synthetic), its prepared TFDS, the split.
+
+With `data.dir` empty the run generates synthetic phantom data in the kaggle_3m layout
+under the workdir and uses it through exactly the same path as real data.
+"""
+
+import dataclasses
+import os
+
+import jax
+import ml_collections
+from absl import logging
+from jax.experimental import multihost_utils
+
+from resunet_jax.data import lgg, synthetic
+
+SYNTHETIC_DIR = "synthetic_data"
+
+
+@dataclasses.dataclass
+class Source:
+    """A prepared data source and its patient split.
+
+    Attributes:
+        config: the run config with data-source defaults filled in.
+        data_dir: the kaggle_3m-style folder.
+        builder: its prepared `lgg.LggBuilder`.
+        train_ids, val_ids: the patient-level split.
+        eval_ids: patients of the final evaluation: val_ids, or all for eval.split=all.
+        synthetic: whether `data_dir` holds generated phantom data.
+    """
+
+    config: ml_collections.ConfigDict
+    data_dir: str
+    builder: lgg.LggBuilder
+    train_ids: list
+    val_ids: list
+    eval_ids: list
+    synthetic: bool
+
+
+def resolve_defaults(config: ml_collections.ConfigDict, synthetic: bool):
+    """Fills fields left None with the data source's defaults (`config.defaults`).
+
+    The synthetic demo needs a smaller image size and schedule than the real recipe;
+    a value given explicitly (config file or command line) always wins.
+    """
+    config = config.copy_and_resolve_references()
+
+    def fill(node, defaults):
+        for key, value in defaults.items():
+            if isinstance(value, ml_collections.ConfigDict):
+                fill(node[key], value)
+            elif node[key] is None:
+                node[key] = value
+
+    with config.unlocked():
+        fill(config, config.defaults.synthetic if synthetic else config.defaults.lgg)
+    return config
+
+
+def prepared_root(config) -> str:
+    return os.path.expanduser(config.data.prepared_dir or "~/.cache/resunet_jax/prepared")
+
+
+def open_source(config: ml_collections.ConfigDict, workdir: str) -> Source:
+    """Finds or generates the data, prepares it once, and splits its patients.
+
+    Process 0 prepares; the other processes wait, then open the same prepared data.
+    """
+    is_synthetic = not config.data.dir
+    config = resolve_defaults(config, is_synthetic)
+    if is_synthetic:
+        data_dir = os.path.join(workdir, SYNTHETIC_DIR)
+        syn = config.synthetic
+        logging.info(
+            "config.data.dir is empty: using SYNTHETIC phantom data (%d patients x %d slices, "
+            "%d px) generated under %s. Pass --config.data.dir=PATH/kaggle_3m for real data.",
+            syn.num_patients, syn.slices_per_patient, syn.size, data_dir,
+        )  # fmt: skip
+        if jax.process_index() == 0:
+            synthetic.write_synthetic_dataset(
+                data_dir, syn.num_patients, syn.slices_per_patient, syn.size, seed=syn.seed
+            )
+    else:
+        data_dir = os.path.abspath(os.path.expanduser(config.data.dir))
+    if config.eval.split not in ("val", "all"):
+        raise ValueError(f"eval.split must be 'val' or 'all', got {config.eval.split!r}")
+    slices = lgg.discover(data_dir)
+    ids = lgg.patient_ids(slices)
+    train_ids, val_ids = lgg.split_patients(
+        ids, config.data.num_folds, config.data.fold, config.data.split_seed
+    )
+    root = prepared_root(config)
+    if jax.process_index() == 0:
+        builder = lgg.prepare(data_dir, root, slices)
+    multihost_utils.sync_global_devices("resunet_jax data prepared")
+    if jax.process_index() != 0:
+        builder = lgg.prepare(data_dir, root, slices)
+    logging.info("Data %s: %d patients, %d slices (%d train, %d val patients)", data_dir,
+                 len(ids), len(slices), len(train_ids), len(val_ids))  # fmt: skip
+    eval_ids = ids if config.eval.split == "all" else val_ids
+    return Source(config, data_dir, builder, train_ids, val_ids, eval_ids, is_synthetic)

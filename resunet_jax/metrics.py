@@ -1,0 +1,117 @@
+"""Segmentation and detection metrics.
+
+Device-side functions reduce each slice to a few counts (`slice_counts`); the host
+aggregates those counts per patient (`summarize`). Dice per volume follows Buda et
+al. 2019: 2|P∩G| / (|P|+|G|) over all slices of a patient, leaving out patients
+without tumour.
+"""
+
+import jax.numpy as jnp
+import numpy as np
+
+
+def slice_counts(pred_masks, true_masks):
+    """Per-slice overlap counts.
+
+    Args:
+        pred_masks: [B, H, W, 1] (or [B, H, W]) predicted masks, bool or {0, 1}.
+        true_masks: same shape, ground truth.
+
+    Returns:
+        Dict of [B] float32 arrays: `intersection` |P∩G|, `pred_area` |P|, `true_area` |G|.
+    """
+    pred = pred_masks.astype(jnp.float32).reshape(pred_masks.shape[0], -1)
+    true = true_masks.astype(jnp.float32).reshape(true_masks.shape[0], -1)
+    return {
+        "intersection": jnp.sum(pred * true, axis=1),
+        "pred_area": jnp.sum(pred, axis=1),
+        "true_area": jnp.sum(true, axis=1),
+    }
+
+
+def dice(intersection, pred_area, true_area, empty: float = 1.0):
+    """Dice 2|P∩G|/(|P|+|G|), elementwise; `empty` where both P and G are empty."""
+    intersection, total = np.asarray(intersection), np.asarray(pred_area) + np.asarray(true_area)
+    safe_total = np.where(total > 0, total, 1.0)
+    return np.where(total > 0, 2.0 * intersection / safe_total, empty)
+
+
+def iou(intersection, pred_area, true_area, empty: float = 1.0):
+    """Intersection over union |P∩G|/|P∪G|, elementwise; `empty` where both are empty."""
+    union = np.asarray(pred_area) + np.asarray(true_area) - np.asarray(intersection)
+    return np.where(union > 0, np.asarray(intersection) / np.where(union > 0, union, 1.0), empty)
+
+
+def per_patient(patient_ids, counts) -> dict[str, dict[str, float]]:
+    """Sums slice counts over each patient's slices.
+
+    Args:
+        patient_ids: [N] patient id of each slice.
+        counts: dict of [N] arrays as returned by `slice_counts` (plus optional
+            `pred_tumor` [N] bool, the slice-level tumour decision).
+
+    Returns:
+        {patient_id: {"num_slices", "intersection", "pred_area", "true_area",
+        "dice", "iou", ...}} in sorted patient order; dice/iou are NaN when the
+        patient's ground truth is empty.
+    """
+    patient_ids = np.asarray(patient_ids)
+    rows = {}
+    for pid in sorted(set(patient_ids.tolist())):
+        sel = patient_ids == pid
+        row = {"num_slices": int(sel.sum())}
+        row.update({k: float(np.sum(np.asarray(v)[sel])) for k, v in counts.items()})
+        has_tumor = row["true_area"] > 0
+        row["dice"] = float(dice(row["intersection"], row["pred_area"], row["true_area"]))
+        row["iou"] = float(iou(row["intersection"], row["pred_area"], row["true_area"]))
+        if not has_tumor:
+            row["dice"] = row["iou"] = float("nan")
+        rows[pid] = row
+    return rows
+
+
+def summarize(patient_ids, counts, pred_tumor) -> tuple[dict, dict]:
+    """Evaluation summary over all slices of a split.
+
+    Args:
+        patient_ids: [N] patient id of each slice.
+        counts: dict of [N] arrays from `slice_counts`.
+        pred_tumor: [N] bool, the model's slice-level tumour decision.
+
+    Returns:
+        (metrics, patients): `metrics` holds the metrics.json keys of DESIGN.md;
+        `patients` is `per_patient(...)`.
+    """
+    pred_tumor = np.asarray(pred_tumor, bool)
+    true_tumor = np.asarray(counts["true_area"]) > 0
+    patients = per_patient(patient_ids, dict(counts, pred_tumor=pred_tumor))
+    volume_dice = np.array([r["dice"] for r in patients.values() if r["true_area"] > 0])
+    slice_dice = dice(counts["intersection"], counts["pred_area"], counts["true_area"])
+    tp = int(np.sum(pred_tumor & true_tumor))
+    tn = int(np.sum(~pred_tumor & ~true_tumor))
+    metrics = {
+        "num_patients": len(patients),
+        "num_slices": int(true_tumor.size),
+        "dice_per_volume_mean": _mean(volume_dice),
+        "dice_per_volume_median": float(np.median(volume_dice)) if volume_dice.size else None,
+        "dice_tumor_slices_mean": _mean(slice_dice[true_tumor]),
+        "iou_per_volume_mean": _mean([r["iou"] for r in patients.values() if r["true_area"] > 0]),
+        "detection_accuracy": (tp + tn) / max(true_tumor.size, 1),
+        "detection_sensitivity": _ratio(tp, int(true_tumor.sum())),
+        "detection_specificity": _ratio(tn, int((~true_tumor).sum())),
+        # A volume counts as detected when its predicted mask overlaps its tumour.
+        "volumes_detected": sum(
+            1 for r in patients.values() if r["true_area"] > 0 and r["intersection"] > 0
+        ),
+        "volumes_with_tumor": int(volume_dice.size),
+    }
+    return metrics, patients
+
+
+def _mean(values):
+    values = np.asarray(values, np.float64)
+    return float(values.mean()) if values.size else None
+
+
+def _ratio(numerator: int, denominator: int):
+    return numerator / denominator if denominator else None

@@ -1,0 +1,131 @@
+"""The seed ResUNet (Buda-style brain-MRI ResUNet, from the original Keras model).
+
+Layer for layer the Keras model: with the default widths it has 1,206,129 trainable
+parameters and 4,384 BatchNorm statistics, like `shared/bench/torch_resunet.py`.
+Images are NHWC. The network returns logits; the sigmoid lives in the losses and in
+inference so that the loss is computed stably in float32.
+"""
+
+import functools
+from collections.abc import Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+# Keras BatchNormalization defaults of the seed model (momentum 0.99, epsilon 1e-3).
+BN_MOMENTUM = 0.99
+BN_EPSILON = 1e-3
+
+
+def batch_norm(train: bool, dtype, axis_name: str | None, name: str) -> nn.BatchNorm:
+    """Seed BatchNorm; in training, batch statistics are averaged over `axis_name`."""
+    return nn.BatchNorm(
+        use_running_average=not train,
+        momentum=BN_MOMENTUM,
+        epsilon=BN_EPSILON,
+        dtype=dtype,
+        axis_name=axis_name if train else None,
+        name=name,
+    )
+
+
+class ResBlock(nn.Module):
+    """Residual block: ReLU(BN(Conv3x3(ReLU(BN(Conv1x1(x))))) + BN(Conv1x1(x))).
+
+    Attributes:
+        features: output channels f.
+        dtype: computation dtype (parameters stay float32).
+        axis_name: pmap axis over which training BatchNorm statistics are averaged.
+    """
+
+    features: int
+    dtype: Any = jnp.float32
+    axis_name: str | None = "batch"
+
+    @nn.compact
+    def __call__(self, x, train: bool):
+        """Maps [B, H, W, C] to [B, H, W, features]."""
+        conv = functools.partial(nn.Conv, self.features, dtype=self.dtype)
+        norm = functools.partial(batch_norm, train, self.dtype, self.axis_name)
+        h = conv((1, 1), name="conv_in")(x)
+        h = nn.relu(norm("bn_in")(h))
+        h = conv((3, 3), name="conv_mid")(h)
+        h = norm("bn_mid")(h)
+        shortcut = norm("bn_shortcut")(conv((1, 1), name="conv_shortcut")(x))
+        return nn.relu(h + shortcut)
+
+
+def upsample2x(x):
+    """Nearest-neighbour upsampling [B, H, W, C] -> [B, 2H, 2W, C] (Keras UpSampling2D)."""
+    b, h, w, c = x.shape
+    x = jnp.broadcast_to(x[:, :, None, :, None, :], (b, h, 2, w, 2, c))
+    return x.reshape(b, 2 * h, 2 * w, c)
+
+
+class ResUNet(nn.Module):
+    """Seed ResUNet: stem, three pooled ResBlocks, bottleneck, four decoder ResBlocks.
+
+    Attributes:
+        stem_features: channels of the two stem convolutions (skip 0).
+        features: encoder ResBlock widths, shallow to deep; the decoder mirrors them.
+        bottleneck_features: width of the bottleneck ResBlock.
+        dtype: computation dtype, e.g. jnp.bfloat16 for mixed precision; parameters,
+            BatchNorm statistics and the returned logits stay float32.
+        axis_name: pmap axis over which training BatchNorm statistics are averaged, so
+            that replicas normalise like one global batch; None outside pmap.
+    """
+
+    stem_features: int = 16
+    features: Sequence[int] = (32, 64, 128)
+    bottleneck_features: int = 256
+    dtype: Any = jnp.float32
+    axis_name: str | None = "batch"
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        """Segments a batch of slices.
+
+        Args:
+            x: [B, H, W, C] normalised images; H and W divisible by 2**(len(features)+1).
+            train: use batch statistics (synced over the 'batch' axis) and update them.
+
+        Returns:
+            [B, H, W, 1] float32 tumour logits.
+        """
+        depth = len(self.features) + 1
+        if x.shape[1] % 2**depth or x.shape[2] % 2**depth:
+            raise ValueError(f"image side {x.shape[1:3]} must be divisible by {2**depth}")
+        x = x.astype(self.dtype)
+        norm = functools.partial(batch_norm, train, self.dtype, self.axis_name)
+        # The seed stem applies ReLU before BatchNorm (Conv+ReLU -> BN), unlike ResBlocks.
+        x = nn.relu(nn.Conv(self.stem_features, (3, 3), dtype=self.dtype, name="stem_conv1")(x))
+        x = norm("stem_bn1")(x)
+        x = nn.relu(nn.Conv(self.stem_features, (3, 3), dtype=self.dtype, name="stem_conv2")(x))
+        x = norm("stem_bn2")(x)
+        skips = [x]
+        x = nn.max_pool(x, (2, 2), strides=(2, 2))
+        for i, f in enumerate(self.features):
+            x = ResBlock(f, self.dtype, self.axis_name, name=f"encoder{i}")(x, train)
+            skips.append(x)
+            x = nn.max_pool(x, (2, 2), strides=(2, 2))
+        x = ResBlock(self.bottleneck_features, self.dtype, self.axis_name, name="bottleneck")(
+            x, train
+        )
+        decoder_features = tuple(reversed(self.features)) + (self.stem_features,)
+        for i, (f, skip) in enumerate(zip(decoder_features, reversed(skips), strict=True)):
+            x = jnp.concatenate([upsample2x(x), skip], axis=-1)
+            x = ResBlock(f, self.dtype, self.axis_name, name=f"decoder{i}")(x, train)
+        logits = nn.Conv(1, (1, 1), dtype=self.dtype, name="head")(x)
+        return logits.astype(jnp.float32)
+
+
+def create_model(model_config, axis_name: str | None = "batch") -> ResUNet:
+    """Builds the ResUNet from `config.model` (an ml_collections.ConfigDict or dict)."""
+    return ResUNet(
+        axis_name=axis_name,
+        stem_features=model_config["stem_features"],
+        features=tuple(model_config["features"]),
+        bottleneck_features=model_config["bottleneck_features"],
+        dtype=jnp.dtype(model_config["dtype"]),
+    )

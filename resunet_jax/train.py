@@ -1,0 +1,256 @@
+"""Training: TrainState, the pmap-ed train/eval steps, and the training loop.
+
+The step functions and everything above `train_and_evaluate` import no TensorFlow,
+so they run where TF is absent (benchmarks on a GPU machine).
+"""
+
+import functools
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+from flax.training import train_state
+
+from resunet_jax import losses, metrics, models, parallel
+
+
+class TrainState(train_state.TrainState):
+    """Flax TrainState plus the BatchNorm running statistics."""
+
+    batch_stats: Any
+
+
+def create_learning_rate_fn(config: ml_collections.ConfigDict) -> optax.Schedule:
+    """Linear warm-up to `optimizer.learning_rate`, then cosine decay or constant."""
+    opt = config.optimizer
+    warmup = optax.linear_schedule(0.0, opt.learning_rate, max(opt.warmup_steps, 1))
+    if opt.schedule == "cosine":
+        after = optax.cosine_decay_schedule(
+            opt.learning_rate, max(config.num_train_steps - opt.warmup_steps, 1), alpha=0.01
+        )
+    elif opt.schedule == "constant":
+        after = optax.constant_schedule(opt.learning_rate)
+    else:
+        raise ValueError(f"unknown optimizer.schedule {opt.schedule!r}; use cosine or constant")
+    return optax.join_schedules([warmup, after], [opt.warmup_steps])
+
+
+def create_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
+    """Adam (the seed's), AdamW or SGD with momentum; the config's schedule and clipping."""
+    opt = config.optimizer
+    lr = create_learning_rate_fn(config)
+    if opt.name == "adam":
+        tx = optax.adam(lr, eps=opt.eps)
+    elif opt.name == "adamw":
+        tx = optax.adamw(lr, eps=opt.eps, weight_decay=opt.weight_decay)
+    elif opt.name == "sgd":
+        tx = optax.sgd(lr, momentum=opt.momentum, nesterov=True)
+    else:
+        raise ValueError(f"unknown optimizer.name {opt.name!r}; use adam, adamw or sgd")
+    if opt.grad_clip_norm:
+        tx = optax.chain(optax.clip_by_global_norm(opt.grad_clip_norm), tx)
+    return tx
+
+
+def create_train_state(rng, config: ml_collections.ConfigDict, model) -> TrainState:
+    """Initialises parameters and BatchNorm statistics for [1, S, S, 3] inputs."""
+    size = config.data.image_size
+    # Initialise outside pmap: BatchNorm in eval mode needs no axis name.
+    variables = model.init(rng, jnp.zeros((1, size, size, 3), jnp.float32), train=False)
+    return TrainState.create(
+        apply_fn=model.apply,
+        params=variables["params"],
+        batch_stats=variables["batch_stats"],
+        tx=create_optimizer(config),
+    )
+
+
+def train_step(state: TrainState, batch, *, loss_fn, axis_name=parallel.AXIS_NAME):
+    """One optimizer step on this device's share of the global batch (run under pmap).
+
+    Args:
+        state: TrainState, identical on all devices.
+        batch: {"image": [b, S, S, 3] float32, "mask": [b, S, S, 1] {0, 1}}.
+        loss_fn: a `losses` function taking (logits, masks, axis_name).
+        axis_name: the pmap axis.
+
+    Returns:
+        (new state, metrics): metrics are global-batch scalars {"loss", "dice"}.
+    """
+
+    def compute_loss(params):
+        logits, updates = state.apply_fn(
+            {"params": params, "batch_stats": state.batch_stats},
+            batch["image"],
+            train=True,
+            mutable=["batch_stats"],
+        )
+        return loss_fn(logits, batch["mask"], axis_name), (logits, updates)
+
+    (loss, (logits, updates)), grads = jax.value_and_grad(compute_loss, has_aux=True)(
+        state.params
+    )
+    # Each device's gradient is its share of the global loss's gradient (see
+    # losses.global_sum), so the global gradient is their sum.
+    grads = jax.lax.psum(grads, axis_name)
+    # BatchNorm already averaged batch statistics over `axis_name`; the pmean only
+    # guards against float round-off differences between replicas.
+    batch_stats = jax.lax.pmean(updates["batch_stats"], axis_name)
+    new_state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
+    counts = metrics.slice_counts(logits > 0, batch["mask"])
+    totals = jax.lax.psum({k: jnp.sum(v) for k, v in counts.items()}, axis_name)
+    dice = 2 * totals["intersection"] / jnp.maximum(totals["pred_area"] + totals["true_area"], 1)
+    return new_state, {"loss": loss, "dice": dice}
+
+
+def eval_step(variables, batch, *, model):
+    """Predicts one eval batch (run under pmap) and reduces it to per-slice counts.
+
+    Args:
+        variables: {"params", "batch_stats"}.
+        batch: {"image": [b, S, S, 3], "mask": [b, S, S, 1]}.
+        model: the ResUNet.
+
+    Returns:
+        (None, per-slice dict of [b] arrays: intersection, pred_area, true_area,
+        max_prob), with predicted mask = probability >= 0.5.
+    """
+    logits = model.apply(variables, batch["image"], train=False)
+    counts = metrics.slice_counts(logits >= 0, batch["mask"])
+    counts["max_prob"] = jax.nn.sigmoid(jnp.max(logits, axis=(1, 2, 3)))
+    return None, counts
+
+
+def predict_step(variables, batch, *, model):
+    """Tumour probabilities for one batch (run under pmap): [b, S, S, 3] -> [b, S, S]."""
+    logits = model.apply(variables, batch["image"], train=False)
+    return None, jax.nn.sigmoid(logits[..., 0])
+
+
+@functools.cache
+def pmapped_train_step(loss_name: str):
+    return parallel.pmap_step(
+        functools.partial(train_step, loss_fn=losses.get_loss(loss_name)), donate_state=True
+    )
+
+
+def pmapped_eval_step(model):
+    return parallel.pmap_step(functools.partial(eval_step, model=model))
+
+
+def pmapped_predict_step(model):
+    return parallel.pmap_step(functools.partial(predict_step, model=model))
+
+
+def _mean_metrics(history: list[dict]) -> dict:
+    stacked = jax.device_get(history)
+    return {k: float(np.mean([h[k] for h in stacked])) for k in stacked[0]}
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+    """Trains with periodic validation and checkpoints, then writes the final evaluation.
+
+    Resumes from the newest checkpoint in `workdir`. The final evaluation restores the
+    best checkpoint exactly as `--mode=eval` does and writes `workdir/eval/`.
+
+    Returns:
+        The final evaluation's metrics (the content of eval/metrics.json).
+    """
+    # TF-dependent modules are imported here so the step functions above stay TF-free.
+    from flax.metrics import tensorboard
+
+    from resunet_jax import checkpointing, evaluate, input_pipeline
+    from resunet_jax.data import sources
+
+    source = sources.open_source(config, workdir)
+    config = source.config
+    model = models.create_model(config.model)
+    rng = jax.random.key(config.seed)
+    state = create_train_state(rng, config, model)
+    checkpointer = checkpointing.Checkpointer(workdir, keep=config.keep_checkpoints)
+    meta = {"config": checkpointing.config_json(config), "best_dice": -1.0}
+    restored = checkpointer.restore_latest(jax.eval_shape(lambda: state))
+    if restored:
+        state, meta = restored
+        meta = dict(meta)
+        logging.info("Resuming from step %d", int(state.step))
+    start_step = int(state.step)
+
+    global_batch = config.batch_size
+    if global_batch % jax.process_count():
+        raise ValueError(f"batch_size {global_batch} must divide over {jax.process_count()} hosts")
+    train_ds = input_pipeline.create_train_dataset(
+        source.builder,
+        source.train_ids,
+        config,
+        per_process_batch=global_batch // jax.process_count(),
+        # A resumed run continues with a fresh (but reproducible) data order.
+        seed=config.seed + start_step,
+    )
+    train_iter = parallel.prefetch_to_device(input_pipeline.as_numpy(train_ds))
+    evaluator = evaluate.Evaluator(source, config, source.val_ids)
+    step_fn = pmapped_train_step(config.loss)
+    lr_fn = create_learning_rate_fn(config)
+    writer = tensorboard.SummaryWriter(f"{workdir}/tensorboard")
+    is_chief = jax.process_index() == 0
+
+    logging.info(
+        "Training %d -> %d steps, global batch %d over %d devices, %d train / %d val patients",
+        start_step, config.num_train_steps, global_batch, jax.device_count(),
+        len(source.train_ids), len(source.val_ids),
+    )  # fmt: skip
+    history, t_last, step_last = [], time.perf_counter(), start_step
+    for step in range(start_step + 1, config.num_train_steps + 1):
+        state, step_metrics = step_fn(state, next(train_iter))
+        history.append(step_metrics)
+        is_last = step == config.num_train_steps
+        is_checkpoint = step % config.checkpoint_every_steps == 0 or is_last
+        # Metrics are checked before every save, so a checkpoint never holds NaNs.
+        if step % config.log_every_steps == 0 or is_checkpoint:
+            summary = _mean_metrics(history)
+            history = []
+            if not np.isfinite(summary["loss"]):
+                raise FloatingPointError(
+                    f"non-finite training loss {summary['loss']} at step {step}; the last "
+                    "good checkpoint is kept (lower optimizer.learning_rate?)"
+                )
+            elapsed = time.perf_counter() - t_last
+            images_per_s = (step - step_last) * global_batch / elapsed
+            eta = (config.num_train_steps - step) * elapsed / (step - step_last)
+            t_last, step_last = time.perf_counter(), step
+            logging.info(
+                "step %d/%d  loss %.4f  dice %.3f  %.1f images/s  ETA %s",
+                step, config.num_train_steps, summary["loss"], summary["dice"], images_per_s,
+                time.strftime("%H:%M:%S", time.gmtime(eta)),
+            )  # fmt: skip
+            if is_chief:
+                for k, v in summary.items():
+                    writer.scalar(f"train/{k}", v, step)
+                writer.scalar("train/images_per_s", images_per_s, step)
+                writer.scalar("train/learning_rate", float(lr_fn(step)), step)
+        if step % config.eval_every_steps == 0 or is_last:
+            val_metrics, _ = evaluator.run(state.params, state.batch_stats)
+            logging.info(
+                "step %d validation: dice_per_volume_mean %.4f  dice_tumor_slices_mean %.4f",
+                step, val_metrics["dice_per_volume_mean"] or 0.0,
+                val_metrics["dice_tumor_slices_mean"] or 0.0,
+            )  # fmt: skip
+            if is_chief:
+                for k, v in val_metrics.items():
+                    if isinstance(v, float):
+                        writer.scalar(f"val/{k}", v, step)
+            dice = val_metrics["dice_per_volume_mean"] or 0.0
+            if dice > meta["best_dice"]:
+                meta.update(best_dice=dice, best_step=step)
+                checkpointer.save(state, dict(meta, step=step, val_metrics=val_metrics), best=True)
+        if is_checkpoint:
+            checkpointer.save(state, dict(meta, step=step))
+    writer.flush()
+    checkpointer.wait()
+    checkpointer.close()
+    return evaluate.evaluate_checkpoint(config, workdir, source=source)

@@ -1,0 +1,28 @@
+"""Installs resunet_jax: `pip install -e ".[test]"` (CPU jax; add your jax[cuda] on top)."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="resunet_jax",
+    version="0.1.0",
+    description="ResUNet brain-tumour (LGG) detection and segmentation in JAX/Flax",
+    packages=find_packages(include=["resunet_jax", "resunet_jax.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "jax>=0.10",
+        "flax>=0.12.7",
+        "optax>=0.2.4",
+        "orbax-checkpoint>=0.12",
+        "numpy",
+        "scipy",
+        "tifffile",
+        "tensorflow-cpu>=2.18",
+        "tensorflow-datasets>=4.9.8",
+        "importlib_resources",  # needed by tensorflow-datasets, not declared by it
+        "absl-py",
+        "ml-collections",
+        "matplotlib",
+        "tensorboard",
+    ],
+    extras_require={"test": ["pytest", "ruff"]},
+)

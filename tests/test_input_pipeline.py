@@ -1,0 +1,68 @@
+import jax
+import ml_collections
+import numpy as np
+import tensorflow as tf
+
+from configs import tiny
+from resunet_jax import input_pipeline
+from resunet_jax.data import lgg
+
+
+def _config(image_size=32):
+    config = tiny.get_config()
+    config.data.image_size = image_size
+    return config
+
+
+def _builder(tiny_data, tmp_path):
+    return lgg.prepare(tiny_data, str(tmp_path / "prep"), lgg.discover(tiny_data))
+
+
+def test_train_batches_are_laid_out_per_device(tiny_data, tmp_path):
+    builder = _builder(tiny_data, tmp_path)
+    ids = lgg.patient_ids(lgg.discover(tiny_data))
+    ds = input_pipeline.create_train_dataset(builder, ids[:4], _config(), 8, seed=0)
+    batch = next(input_pipeline.as_numpy(ds))
+    devices = jax.local_device_count()
+    assert batch["image"].shape == (devices, 8 // devices, 32, 32, 3)
+    assert batch["image"].dtype == np.float32 and 0 <= batch["image"].min() <= 1
+    assert batch["mask"].shape == (devices, 8 // devices, 32, 32, 1)
+    assert set(np.unique(batch["mask"])) <= {0, 1}
+    again = next(input_pipeline.as_numpy(
+        input_pipeline.create_train_dataset(builder, ids[:4], _config(), 8, seed=0)))  # fmt: skip
+    np.testing.assert_array_equal(batch["image"], again["image"])  # seeded = reproducible
+
+
+def test_eval_dataset_visits_each_slice_of_the_patients_once(tiny_data, tmp_path):
+    builder = _builder(tiny_data, tmp_path)
+    ids = lgg.patient_ids(lgg.discover(tiny_data))
+    ds = input_pipeline.create_eval_dataset(builder, ids[:2], _config(64), batch_size=5)
+    batches = list(input_pipeline.as_numpy(ds))
+    keys = [(p, i) for b in batches for p, i in zip(b["patient_id"], b["slice_index"],
+                                                     strict=True)]  # fmt: skip
+    assert sorted(keys) == [(p, i) for p in ids[:2] for i in range(1, 7)]
+    assert batches[0]["image"].shape[1:] == (64, 64, 3)
+    assert batches[0]["orig_height"][0] == 32
+
+
+def test_augment_keeps_masks_binary_and_aligned_with_images():
+    image = np.zeros((32, 32, 3), np.uint8)
+    image[8:16, 4:12] = 200
+    mask = (image[..., :1] > 0).astype(np.uint8)
+    aug = ml_collections.ConfigDict(dict(flip=True, rotate_degrees=30.0, scale=0.2, intensity=0.0))
+    for s in range(5):
+        out = input_pipeline.augment({"image": image, "mask": mask}, tf.constant([s, 1]), aug)
+        m, im = out["mask"].numpy(), out["image"].numpy()
+        assert set(np.unique(m)) <= {0, 1} and m.sum() > 20
+        # Bright pixels and mask pixels coincide up to the interpolated border.
+        agreement = np.mean((im[..., 0] > 100) == (m[..., 0] > 0))
+        assert agreement > 0.97
+
+
+def test_resize_maps_masks_to_binary():
+    ex = {"image": np.zeros((256, 256, 3), np.uint8), "mask": np.zeros((256, 256, 1), np.uint8)}
+    ex["mask"][100:140, 100:140] = 1
+    out = input_pipeline.resize_example(ex, 64)
+    assert out["mask"].shape == (64, 64, 1)
+    assert set(np.unique(out["mask"].numpy())) == {0, 1}
+    assert out["mask"].numpy().sum() == 100  # 40x40 px at 1/4 scale

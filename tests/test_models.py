@@ -1,0 +1,52 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from resunet_jax import models
+
+
+def _count(tree):
+    return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
+
+
+def test_seed_resunet_has_the_keras_parameter_count():
+    shapes = jax.eval_shape(
+        lambda: models.ResUNet().init(jax.random.key(0), jnp.zeros((1, 256, 256, 3)))
+    )
+    assert _count(shapes["params"]) == 1_206_129
+    assert _count(shapes["batch_stats"]) == 4_384
+
+
+def test_output_is_one_logit_per_pixel_in_float32_also_in_bf16():
+    x = jax.random.uniform(jax.random.key(1), (2, 32, 32, 3))
+    for dtype in (jnp.float32, jnp.bfloat16):
+        model = models.ResUNet(stem_features=4, features=(8, 16), bottleneck_features=16,
+                               dtype=dtype)  # fmt: skip
+        variables = model.init(jax.random.key(0), x)
+        assert jax.tree.leaves(variables["params"])[0].dtype == jnp.float32
+        out = model.apply(variables, x)
+        assert out.shape == (2, 32, 32, 1) and out.dtype == jnp.float32
+
+
+def test_train_mode_updates_batch_stats_inside_pmap():
+    model = models.ResUNet(stem_features=4, features=(8,), bottleneck_features=8)
+    x = jax.random.uniform(jax.random.key(1), (1, 2, 16, 16, 3))
+    variables = model.init(jax.random.key(0), x[0])
+    _, updates = jax.pmap(
+        lambda v, x: model.apply(v, x, train=True, mutable=["batch_stats"]), axis_name="batch"
+    )(jax.tree.map(lambda a: a[None], variables), x)
+    before = variables["batch_stats"]["stem_bn1"]["mean"]
+    assert not np.allclose(updates["batch_stats"]["stem_bn1"]["mean"][0], before)
+
+
+def test_upsample2x_is_nearest_neighbour():
+    x = jnp.arange(4.0).reshape(1, 2, 2, 1)
+    up = models.upsample2x(x)[0, :, :, 0]
+    np.testing.assert_array_equal(up, [[0, 0, 1, 1], [0, 0, 1, 1], [2, 2, 3, 3], [2, 2, 3, 3]])
+
+
+def test_rejects_sides_not_divisible_by_the_pooling():
+    model = models.ResUNet(stem_features=4, features=(8,), bottleneck_features=8)
+    with pytest.raises(ValueError, match="divisible by 4"):
+        model.init(jax.random.key(0), jnp.zeros((1, 18, 18, 3)))

@@ -1,0 +1,108 @@
+import functools
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from configs import tiny
+from resunet_jax import losses, models, parallel, train
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _state_and_batch(global_batch=4, size=16, optimizer="adam", learning_rate=0.01):
+    config = tiny.get_config()
+    config.data.image_size = size
+    config.optimizer.name = optimizer
+    config.optimizer.warmup_steps = 0
+    config.optimizer.learning_rate = learning_rate
+    state = train.create_train_state(jax.random.key(0), config, models.create_model(config.model))
+    rng = np.random.default_rng(0)
+    batch = {
+        "image": rng.uniform(0, 1, (global_batch, size, size, 3)).astype(np.float32),
+        "mask": (rng.uniform(size=(global_batch, size, size, 1)) > 0.8).astype(np.uint8),
+    }
+    return state, batch
+
+
+@pytest.mark.parametrize("loss", ["focal_tversky", "dice_bce"])
+def test_step_on_two_devices_equals_step_on_one_device(loss):
+    # SGD, not Adam: Adam would blow up round-off in the ~0 gradients of the conv biases
+    # that BatchNorm cancels, hiding what this test compares.
+    state, batch = _state_and_batch(optimizer="sgd", learning_rate=0.05)
+    results = []
+    for n in (1, 2):
+        step = parallel.pmap_step(
+            functools.partial(train.train_step, loss_fn=losses.get_loss(loss)),
+            devices=jax.local_devices()[:n],
+        )
+        s = state
+        for _ in range(3):
+            s, m = step(s, parallel.split_for_devices(batch, n))
+        results.append((jax.device_get(s), jax.device_get(m)))
+    (one, m1), (two, m2) = results
+    assert int(two.step) == 3
+    np.testing.assert_allclose(m2["loss"], [m1["loss"][0]] * 2, rtol=1e-5)
+    moved = [np.abs(a - b).max() for a, b in zip(jax.tree.leaves(one.params),
+                                                 jax.tree.leaves(state.params), strict=True)]
+    assert max(moved) > 1e-2  # the steps changed the parameters
+    for a, b in zip(jax.tree.leaves(one.params), jax.tree.leaves(two.params), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+    # BatchNorm running statistics are those of the global batch on both.
+    for a, b in zip(jax.tree.leaves(one.batch_stats), jax.tree.leaves(two.batch_stats),
+                    strict=True):  # fmt: skip
+        np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-6)
+
+
+def test_loss_falls_when_training_on_one_batch():
+    state, batch = _state_and_batch()
+    batch["mask"] = (batch["image"][..., :1] > 0.7).astype(np.uint8)  # learnable
+    step = train.pmapped_train_step("dice_bce")
+    batch = parallel.split_for_devices(batch)
+    losses_seen = []
+    for _ in range(15):
+        state, m = step(state, batch)
+        losses_seen.append(float(m["loss"][0]))
+    assert losses_seen[-1] < 0.85 * losses_seen[0]
+
+
+def _launch(workdir, *flags):
+    cmd = [sys.executable, "launch.py", "--config=configs/tiny.py", f"--workdir={workdir}",
+           f"--config.data.prepared_dir={workdir}/prepared", *flags]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stderr
+
+
+def test_launch_trains_evaluates_and_resumes(tmp_path):
+    workdir = str(tmp_path / "run")
+    log = _launch(workdir)
+    assert "SYNTHETIC" in log
+    assert os.path.isdir(os.path.join(workdir, "checkpoints", "6"))
+    assert os.listdir(os.path.join(workdir, "checkpoints_best"))
+    assert any(f.startswith("events") for f in os.listdir(os.path.join(workdir, "tensorboard")))
+    with open(os.path.join(workdir, "eval", "metrics.json")) as f:
+        trained = json.load(f)
+    for key in ("num_patients", "num_slices", "dice_per_volume_mean", "dice_per_volume_median",
+                "dice_tumor_slices_mean", "detection_accuracy", "detection_sensitivity",
+                "detection_specificity", "volumes_detected", "volumes_with_tumor",
+                "checkpoint_step"):  # fmt: skip
+        assert key in trained
+    assert trained["num_patients"] == 2 and trained["num_slices"] == 12
+    assert os.path.exists(os.path.join(workdir, "eval", "per_patient.csv"))
+    assert os.path.exists(os.path.join(workdir, "eval", "per_patient_dice.png"))
+
+    # --mode=eval restores the same checkpoint and reproduces the final evaluation.
+    os.rename(os.path.join(workdir, "eval"), os.path.join(workdir, "eval_train"))
+    _launch(workdir, "--mode=eval")
+    with open(os.path.join(workdir, "eval", "metrics.json")) as f:
+        assert json.load(f) == trained
+
+    # Asking for more steps resumes from the last checkpoint.
+    log = _launch(workdir, "--config.num_train_steps=9")
+    assert "Resuming from step 6" in log
+    assert os.path.isdir(os.path.join(workdir, "checkpoints", "9"))
