@@ -1,25 +1,41 @@
 """Trains, evaluates or predicts with a ResUNet; main is intentionally short.
 
-  python launch.py --config=configs/resunet.py --workdir=DIR [--mode=train|eval]
-      [--config.KEY=VALUE ...]
+python launch.py --config=configs/resunet.py --workdir=DIR [--mode=train|eval|predict]
+    [--config.KEY=VALUE ...]
 """
+
+import logging as pylogging
 
 import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from resunet_jax import evaluate, train
+from resunet_jax import evaluate, predict, train
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config file (ml_collections).")
 flags.DEFINE_string("workdir", None, "Run directory: checkpoints, logs, reports.")
-flags.DEFINE_enum("mode", "train", ["train", "eval"], "What to do.")
+flags.DEFINE_enum(
+    "mode",
+    "train",
+    ["train", "eval", "predict"],
+    "train (resumes by itself), eval (restores the best checkpoint, writes WORKDIR/eval/) "
+    "or predict (--config.predict.input=PATH -> WORKDIR/predict/).",
+)
 flags.mark_flags_as_required(["config", "workdir"])
+
+
+class _QuietOrbax(pylogging.Filter):
+    """Drops orbax's per-save INFO chatter; its warnings and errors still show."""
+
+    def filter(self, record):
+        return record.levelno >= pylogging.WARNING or "orbax" not in record.pathname
 
 
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    logging.get_absl_handler().addFilter(_QuietOrbax())
     config = FLAGS.config
     if config.distributed.enabled:
         dist = config.distributed
@@ -28,12 +44,15 @@ def main(argv):
             dist.num_processes or None,
             None if dist.process_id < 0 else dist.process_id,
         )
-    logging.info("JAX process %d/%d, devices: %s", jax.process_index(), jax.process_count(),
-                 jax.devices())  # fmt: skip
+    logging.info(
+        "JAX process %d/%d, devices: %s", jax.process_index(), jax.process_count(), jax.devices()
+    )
     if FLAGS.mode == "train":
         train.train_and_evaluate(config, FLAGS.workdir)
-    else:
+    elif FLAGS.mode == "eval":
         evaluate.evaluate_checkpoint(config, FLAGS.workdir)
+    else:
+        predict.predict(config, FLAGS.workdir)
 
 
 if __name__ == "__main__":

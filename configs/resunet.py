@@ -26,6 +26,10 @@ def get_config() -> ml_collections.ConfigDict:
     config.model.features = (32, 64, 128)
     config.model.bottleneck_features = 256
     config.model.dtype = "float32"  # "bfloat16": bf16 compute, f32 parameters and loss
+    # Slice-level tumour classifier on the bottleneck, trained jointly; a slice whose
+    # tumour probability is under the threshold chosen on the validation patients gets
+    # an empty mask. False: "tumour" = the predicted mask is not empty.
+    config.model.detection_head = True
 
     config.data = ml_collections.ConfigDict()
     # A kaggle_3m-style folder; empty = synthetic phantom data generated under the workdir.
@@ -39,10 +43,12 @@ def get_config() -> ml_collections.ConfigDict:
     config.data.split_seed = 0  # patient permutation of the split
     config.data.normalization = "scale"  # "scale": x/255; "slice": per-slice z-score
     config.data.shuffle_buffer = 1024
+    # Share of training slices drawn from slices with tumour; None = natural (~35%).
+    config.data.tumor_fraction = 0.5
 
     # Synthetic phantom data (used when data.dir is empty).
     config.synthetic = ml_collections.ConfigDict()
-    config.synthetic.num_patients = 15
+    config.synthetic.num_patients = 20
     config.synthetic.slices_per_patient = 20
     config.synthetic.size = 128  # side of the generated slices
     config.synthetic.seed = 0
@@ -54,6 +60,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.augment.intensity = 0.1  # per-channel gain uniform in [1-i, 1+i]
 
     config.loss = "dice_bce"  # focal_tversky (the seed's) | dice | bce | dice_bce
+    config.detection_loss_weight = 0.5  # weight of the detection head's BCE
 
     config.optimizer = ml_collections.ConfigDict()
     config.optimizer.name = "adam"  # adam | adamw | sgd (Nesterov momentum)
@@ -76,6 +83,14 @@ def get_config() -> ml_collections.ConfigDict:
     config.eval = ml_collections.ConfigDict()
     config.eval.split = "val"  # val: the validation patients; all: every patient in data.dir
     config.eval.batch_size = 32
+    config.eval.flip_tta = False  # average with the left-right mirrored slice (2x cost)
+    # "largest_component": keep each patient's largest 3D connected component (Buda et
+    # al.); metrics.json reports both variants under postprocess_comparison.
+    config.eval.postprocess = "none"
+
+    config.predict = ml_collections.ConfigDict()
+    # --mode=predict input: a .tif, a folder of .tif slices, or a folder of patient folders.
+    config.predict.input = ""
 
     # Checkpoint to evaluate / predict with ("" = the workdir's best, else latest).
     config.checkpoint = ""
@@ -91,12 +106,12 @@ def get_config() -> ml_collections.ConfigDict:
     config.defaults = ml_collections.ConfigDict()
     config.defaults.lgg = {
         "data": {"image_size": 128},
-        "num_train_steps": 6000,
+        "num_train_steps": 4000,
         "eval_every_steps": 500,
     }
     config.defaults.synthetic = {
         "data": {"image_size": 64},
-        "num_train_steps": 400,
-        "eval_every_steps": 100,
+        "num_train_steps": 800,
+        "eval_every_steps": 200,
     }
     return config

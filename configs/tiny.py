@@ -1,6 +1,6 @@
 """A tiny ResUNet on tiny synthetic data, for tests and CI (seconds per run).
 
-  python launch.py --config=configs/tiny.py --workdir=/tmp/tiny
+python launch.py --config=configs/tiny.py --workdir=/tmp/tiny
 """
 
 from configs import resunet

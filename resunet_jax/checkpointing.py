@@ -19,10 +19,8 @@ LATEST_DIR = "checkpoints"
 BEST_DIR = "checkpoints_best"
 
 
-def _manager(directory, max_to_keep: int | None = None, read_only: bool = False):
-    options = ocp.CheckpointManagerOptions(
-        max_to_keep=max_to_keep, create=not read_only, read_only=read_only
-    )
+def _manager(directory, max_to_keep: int | None = None, create: bool = True):
+    options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=create)
     return ocp.CheckpointManager(epath.Path(directory).absolute(), options=options)
 
 
@@ -151,7 +149,7 @@ def restore_model(path: str) -> tuple[dict, dict]:
         FileNotFoundError: nothing restorable at `path`.
     """
     for directory, step in _candidates(path):
-        manager = _manager(directory, read_only=True)
+        manager = _manager(directory, create=False)
         try:
             restored = manager.restore(
                 step,

@@ -14,8 +14,27 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from resunet_jax import checkpointing, input_pipeline, metrics, models, parallel, train, visualize
+from resunet_jax import (
+    checkpointing,
+    input_pipeline,
+    metrics,
+    models,
+    parallel,
+    postprocess,
+    train,
+    visualize,
+)
 from resunet_jax.data import sources
+
+# Figures reported for each post-processing variant.
+COMPARED_METRICS = (
+    "dice_per_volume_mean",
+    "dice_per_volume_median",
+    "dice_tumor_slices_mean",
+    "detection_accuracy",
+    "detection_sensitivity",
+    "detection_specificity",
+)
 
 # Config fields that define what a checkpoint's model expects; evaluation takes them
 # from the checkpoint, not from the command line.
@@ -34,13 +53,23 @@ class Evaluator:
     def __init__(self, source: sources.Source, config, patient_ids):
         devices = jax.local_device_count()
         self.batch_size = -(-config.eval.batch_size // devices) * devices
-        self.step = train.pmapped_eval_step(models.create_model(config.model))
+        model = models.create_model(config.model)
+        self.step = train.pmapped_eval_step(model, config.eval.flip_tta)
+        self.predict_step = train.pmapped_predict_step(model, config.eval.flip_tta)
+        if config.eval.postprocess not in ("none", "largest_component"):
+            raise ValueError(
+                f"eval.postprocess must be none or largest_component, got "
+                f"{config.eval.postprocess!r}"
+            )
+        self.postprocess = config.eval.postprocess
         self.dataset = input_pipeline.create_eval_dataset(
             source.builder, patient_ids, config, self.batch_size
         )
 
-    def run(self, params, batch_stats) -> tuple[dict, dict]:
-        """Returns (metrics, per-patient rows) as `metrics.summarize` defines them."""
+    def predict(self, params, batch_stats) -> dict:
+        """Per-slice values of every slice: {"patient_id", "slice_index",
+        "intersection", "pred_area", "true_area", "tumor_prob"} [N] and
+        "pred_mask", "true_mask" [N, S, S] bool."""
         variables = {"params": params, "batch_stats": batch_stats}
         columns = collections.defaultdict(list)
         for batch in input_pipeline.as_numpy(self.dataset):
@@ -49,14 +78,80 @@ class Evaluator:
             )
             _, out = self.step(variables, parallel.split_for_devices(padded))
             for k, v in jax.device_get(out).items():
-                columns[k].append(v.reshape(-1)[:n])
+                columns[k].append(v.reshape(-1, *v.shape[2:])[:n])
+            columns["true_mask"].append(batch["mask"][..., 0] > 0)
             columns["patient_id"].append(batch["patient_id"])
+            columns["slice_index"].append(batch["slice_index"])
         if not columns:
             raise ValueError("evaluation split is empty")
-        cols = {k: np.concatenate(v) for k, v in columns.items()}
-        counts = {k: cols[k] for k in ("intersection", "pred_area", "true_area")}
-        # Until a detection head decides, a slice is called tumour when its mask is non-empty.
-        return metrics.summarize(cols["patient_id"], counts, cols["pred_area"] > 0)
+        return {k: np.concatenate(v) for k, v in columns.items()}
+
+    def run(self, params, batch_stats, threshold: float | None = None) -> tuple[dict, dict]:
+        """Evaluates; `threshold` None selects the detection threshold on these patients.
+
+        Metrics follow `eval.postprocess`; `metrics["postprocess_comparison"]` gives the
+        main figures with and without the 3D largest-component post-processing.
+
+        Returns:
+            (metrics, per-patient rows) as `metrics.summarize` defines them.
+        """
+        cols = self.predict(params, batch_stats)
+        true_tumor = cols["true_area"] > 0
+        if threshold is None:
+            threshold = metrics.select_threshold(cols["tumor_prob"], true_tumor)
+        gated = cols["pred_mask"] & (cols["tumor_prob"] >= threshold)[:, None, None]
+        largest = postprocess.largest_component_per_patient(
+            cols["patient_id"], cols["slice_index"], gated
+        )
+        variants = {
+            "none": {k: cols[k] for k in ("intersection", "pred_area", "true_area")},
+            "largest_component": metrics.slice_counts(largest, cols["true_mask"]),
+        }
+        results = {
+            name: metrics.summarize(cols["patient_id"], counts, cols["tumor_prob"], threshold)
+            for name, counts in variants.items()
+        }
+        summary, patients = results[self.postprocess]
+        summary = dict(summary, postprocess=self.postprocess)
+        summary["postprocess_comparison"] = {
+            name: {k: r[0][k] for k in COMPARED_METRICS} for name, r in results.items()
+        }
+        return summary, patients
+
+    def results_grid(self, params, batch_stats, threshold: float, num_rows: int = 6):
+        """The results grid (visualize.results_grid) of the first `num_rows` slices:
+        half with tumour (one per patient while possible), half without."""
+        variables = {"params": params, "batch_stats": batch_stats}
+        want_tumor, want_clean = num_rows - num_rows // 2, num_rows // 2
+        rows, patients_shown = [], set()
+        for batch in input_pipeline.as_numpy(self.dataset):
+            padded, n = parallel.pad_batch({"image": batch["image"]}, self.batch_size)
+            _, out = self.predict_step(variables, parallel.split_for_devices(padded))
+            probs = np.asarray(out["mask"]).reshape(-1, *out["mask"].shape[2:])[:n]
+            tumor = np.asarray(out["tumor"]).reshape(-1)[:n] >= threshold
+            for i in range(n):
+                has_tumor = bool(batch["mask"][i].any())
+                pid = batch["patient_id"][i]
+                if has_tumor and want_tumor and pid not in patients_shown:
+                    want_tumor -= 1
+                elif not has_tumor and want_clean:
+                    want_clean -= 1
+                else:
+                    continue
+                patients_shown.add(pid)
+                pred = (probs[i] >= 0.5) & tumor[i]
+                rows.append(
+                    (
+                        batch["display"][i],
+                        batch["mask"][i, ..., 0],
+                        pred,
+                        f"{pid} #{batch['slice_index'][i]}",
+                    )
+                )
+            if not want_tumor and not want_clean:
+                break
+        images, true_masks, pred_masks, titles = zip(*rows, strict=True)
+        return visualize.results_grid(images, true_masks, pred_masks, titles)
 
 
 def checkpoint_config(config: ml_collections.ConfigDict, meta: dict):
@@ -69,15 +164,24 @@ def checkpoint_config(config: ml_collections.ConfigDict, meta: dict):
             dst, src = config, saved
             for p in parents:
                 dst, src = dst[p], src[p]
-            if dst[leaf] != src[leaf] and dst[leaf] is not None:
-                logging.info("Using the checkpoint's %s=%s (config had %s)", field, src[leaf],
-                             dst[leaf])  # fmt: skip
+            wanted, saved_value = _plain(dst[leaf]), _plain(src[leaf])
+            if wanted is not None and wanted != saved_value:
+                logging.warning(
+                    "Using the checkpoint's %s=%s (the config had %s)", field, saved_value, wanted
+                )
             dst[leaf] = src[leaf]
     return config
 
 
-def write_report(eval_dir: str, summary: dict, patients: dict):
-    """Writes metrics.json, per_patient.csv and the per-patient Dice figure.
+def _plain(value):
+    """A config value as JSON types, so tuples and lists compare equal."""
+    if isinstance(value, ml_collections.ConfigDict):
+        value = value.to_dict()
+    return json.loads(json.dumps(value))
+
+
+def write_report(eval_dir: str, summary: dict, patients: dict, grid: np.ndarray):
+    """Writes metrics.json, per_patient.csv, the per-patient Dice figure and results grid.
 
     Files are written to a temporary name and renamed, so a crash never leaves a
     half-written report in place of an earlier one.
@@ -93,8 +197,15 @@ def write_report(eval_dir: str, summary: dict, patients: dict):
     replace("metrics.json", lambda f: json.dump(summary, f, indent=2))
 
     def write_csv(f):
-        fields = ["patient_id", "num_slices", "dice", "iou", "true_area", "pred_area",
-                  "intersection"]  # fmt: skip
+        fields = [
+            "patient_id",
+            "num_slices",
+            "dice",
+            "iou",
+            "true_area",
+            "pred_area",
+            "intersection",
+        ]
         writer = csv.DictWriter(f, fields, extrasaction="ignore")
         writer.writeheader()
         for pid, row in patients.items():
@@ -102,6 +213,7 @@ def write_report(eval_dir: str, summary: dict, patients: dict):
 
     replace("per_patient.csv", write_csv)
     visualize.per_patient_dice_figure(patients, os.path.join(eval_dir, "per_patient_dice.png"))
+    visualize.save_png(grid, os.path.join(eval_dir, "results_grid.png"))
 
 
 def evaluate_checkpoint(config, workdir: str, source: sources.Source | None = None) -> dict:
@@ -122,7 +234,9 @@ def evaluate_checkpoint(config, workdir: str, source: sources.Source | None = No
     config = checkpoint_config(source.config if source else config, meta)
     source = source or sources.open_source(config, workdir)
     evaluator = Evaluator(source, config, source.eval_ids)
-    summary, patients = evaluator.run(variables["params"], variables["batch_stats"])
+    # The detection threshold chosen on the validation patients during training.
+    threshold = meta.get("val_metrics", {}).get("detection_threshold", 0.5)
+    summary, patients = evaluator.run(variables["params"], variables["batch_stats"], threshold)
     summary.update(
         checkpoint_step=int(meta["step"]),
         checkpoint=os.path.abspath(path),
@@ -131,7 +245,12 @@ def evaluate_checkpoint(config, workdir: str, source: sources.Source | None = No
         split=config.eval.split,
     )
     if jax.process_index() == 0:
-        write_report(os.path.join(workdir, "eval"), summary, patients)
-    logging.info("Evaluation of step %d on %d patients: %s", summary["checkpoint_step"],
-                 summary["num_patients"], json.dumps(summary))  # fmt: skip
+        grid = evaluator.results_grid(variables["params"], variables["batch_stats"], threshold)
+        write_report(os.path.join(workdir, "eval"), summary, patients, grid)
+    logging.info(
+        "Evaluation of step %d on %d patients: %s",
+        summary["checkpoint_step"],
+        summary["num_patients"],
+        json.dumps(summary),
+    )
     return summary

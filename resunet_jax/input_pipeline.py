@@ -12,6 +12,7 @@ import math
 import jax
 import numpy as np
 import tensorflow as tf
+from absl import logging
 
 from resunet_jax.data import lgg
 
@@ -67,9 +68,9 @@ def _affine_transform(seed, image_size: int, rotate_degrees: float, scale: float
     """Random rotation + isotropic scaling about the centre, as the 8 projective params
     mapping output to input coordinates (tf.raw_ops.ImageProjectiveTransformV3)."""
     seeds = tf.random.experimental.stateless_split(seed, 2)
-    angle = tf.random.stateless_uniform(
-        [], seeds[0], -rotate_degrees, rotate_degrees
-    ) * (math.pi / 180.0)
+    angle = tf.random.stateless_uniform([], seeds[0], -rotate_degrees, rotate_degrees) * (
+        math.pi / 180.0
+    )
     zoom = tf.random.stateless_uniform([], seeds[1], 1.0 - scale, 1.0 + scale)
     cos, sin = tf.cos(angle) / zoom, tf.sin(angle) / zoom
     c = (image_size - 1) / 2.0
@@ -121,6 +122,9 @@ def create_train_dataset(
 ) -> tf.data.Dataset:
     """Endless, shuffled, augmented training batches of this process.
 
+    With `data.tumor_fraction` set, slices with and without tumour are drawn at that
+    rate; None keeps their natural proportion.
+
     Args:
         builder: prepared `LggBuilder`.
         patient_ids: training patients.
@@ -143,8 +147,34 @@ def create_train_dataset(
     ds = ds.map(lambda ex: resize_example(ex, config.data.image_size), tf.data.AUTOTUNE)
     ds = ds.map(lambda ex: {"image": ex["image"], "mask": ex["mask"]})
     ds = ds.cache()
-    ds = ds.repeat()
-    ds = ds.shuffle(config.data.shuffle_buffer, seed=seed)
+    fraction = config.data.tumor_fraction
+    if fraction is not None:
+        # Both kinds must exist, else sampling from an empty stream would never return.
+        # This pass also fills the cache.
+        kinds = ds.reduce(
+            tf.zeros(2, tf.int64),
+            lambda n, ex: (
+                n + tf.one_hot(tf.cast(tf.reduce_any(ex["mask"] > 0), tf.int32), 2, dtype=tf.int64)
+            ),
+        ).numpy()
+        if not kinds.all():
+            logging.warning(
+                "Training slices are all %s: data.tumor_fraction ignored",
+                "with tumour" if kinds[1] else "without tumour",
+            )
+            fraction = None
+    if fraction is None:
+        ds = ds.repeat().shuffle(config.data.shuffle_buffer, seed=seed)
+    else:
+        # Tumour slices are ~35% of the data; sampling them at a set rate shows the
+        # model more lesion boundaries per step (Buda et al. weight by tumour area).
+        def stream(has_tumor: bool, offset: int):
+            part = ds.filter(lambda ex: tf.reduce_any(ex["mask"] > 0) == has_tumor)
+            return part.repeat().shuffle(config.data.shuffle_buffer, seed=seed + offset)
+
+        ds = tf.data.Dataset.sample_from_datasets(
+            [stream(True, 1), stream(False, 2)], [fraction, 1.0 - fraction], seed=seed
+        )
     seeds = tf.data.Dataset.random(seed=seed).batch(2)
     ds = tf.data.Dataset.zip(ds, seeds)
     ds = ds.map(lambda ex, s: augment(ex, s, config.augment), tf.data.AUTOTUNE)
@@ -164,6 +194,7 @@ def create_eval_dataset(builder, patient_ids, config, batch_size: int) -> tf.dat
 
     Returns:
         Dataset of {"image": float32 [b, S, S, 3], "mask": uint8 [b, S, S, 1],
+        "display": uint8 [b, S, S, 3] (the resized slice before normalisation),
         "patient_id": string [b], "slice_index": int32 [b], "orig_height"/"orig_width"},
         b <= batch_size (the last batch may be short).
     """
@@ -171,7 +202,9 @@ def create_eval_dataset(builder, patient_ids, config, batch_size: int) -> tf.dat
     ds = ds.map(lambda ex: resize_example(ex, config.data.image_size), tf.data.AUTOTUNE)
     ds = ds.cache()
     ds = ds.map(
-        lambda ex: dict(ex, image=normalize(ex["image"], config.data.normalization)),
+        lambda ex: dict(
+            ex, image=normalize(ex["image"], config.data.normalization), display=ex["image"]
+        ),
         tf.data.AUTOTUNE,
     )
     return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)

@@ -8,6 +8,7 @@ without tumour.
 
 import jax.numpy as jnp
 import numpy as np
+from scipy import stats
 
 
 def slice_counts(pred_masks, true_masks):
@@ -70,25 +71,73 @@ def per_patient(patient_ids, counts) -> dict[str, dict[str, float]]:
     return rows
 
 
-def summarize(patient_ids, counts, pred_tumor) -> tuple[dict, dict]:
+def gate(counts: dict, pred_tumor) -> dict:
+    """Empties the predicted mask of slices the detector calls tumour-free.
+
+    Args:
+        counts: dict of [N] arrays from `slice_counts`.
+        pred_tumor: [N] bool slice-level tumour decision.
+
+    Returns:
+        `counts` with intersection and pred_area zeroed where `pred_tumor` is False.
+    """
+    keep = np.asarray(pred_tumor, bool)
+    return dict(
+        counts,
+        intersection=np.where(keep, counts["intersection"], 0.0),
+        pred_area=np.where(keep, counts["pred_area"], 0.0),
+    )
+
+
+def roc_auc(scores, labels):
+    """Area under the ROC curve (Mann-Whitney U with tie-averaged ranks); None if one class."""
+    scores, labels = np.asarray(scores, np.float64), np.asarray(labels, bool)
+    num_pos, num_neg = int(labels.sum()), int((~labels).sum())
+    if not num_pos or not num_neg:
+        return None
+    ranks = stats.rankdata(scores)
+    return float((ranks[labels].sum() - num_pos * (num_pos + 1) / 2) / (num_pos * num_neg))
+
+
+def select_threshold(tumor_prob, true_tumor) -> float:
+    """The detection threshold with the best slice accuracy (ties: the one nearest 0.5).
+
+    Args:
+        tumor_prob: [N] slice tumour probabilities on validation patients.
+        true_tumor: [N] bool ground truth.
+    """
+    candidates = np.round(np.arange(0.05, 0.96, 0.05), 2)
+    prob, truth = np.asarray(tumor_prob), np.asarray(true_tumor, bool)
+    accuracy = np.array([np.mean((prob >= t) == truth) for t in candidates])
+    best = np.flatnonzero(accuracy == accuracy.max())
+    return float(candidates[best[np.argmin(np.abs(candidates[best] - 0.5))]])
+
+
+def summarize(patient_ids, counts, tumor_prob, threshold: float = 0.5) -> tuple[dict, dict]:
     """Evaluation summary over all slices of a split.
 
     Args:
         patient_ids: [N] patient id of each slice.
-        counts: dict of [N] arrays from `slice_counts`.
-        pred_tumor: [N] bool, the model's slice-level tumour decision.
+        counts: dict of [N] arrays from `slice_counts`, before the detection gate.
+        tumor_prob: [N] slice tumour probabilities.
+        threshold: slices with tumor_prob < threshold are called tumour-free and their
+            masks emptied.
 
     Returns:
-        (metrics, patients): `metrics` holds the metrics.json keys of DESIGN.md;
-        `patients` is `per_patient(...)`.
+        (metrics, patients): `metrics` holds the metrics.json keys of DESIGN.md plus
+        AUC and per-patient detection; `patients` is `per_patient(...)`.
     """
-    pred_tumor = np.asarray(pred_tumor, bool)
+    tumor_prob = np.asarray(tumor_prob, np.float64)
+    pred_tumor = tumor_prob >= threshold
+    counts = gate(counts, pred_tumor)
     true_tumor = np.asarray(counts["true_area"]) > 0
     patients = per_patient(patient_ids, dict(counts, pred_tumor=pred_tumor))
     volume_dice = np.array([r["dice"] for r in patients.values() if r["true_area"] > 0])
     slice_dice = dice(counts["intersection"], counts["pred_area"], counts["true_area"])
     tp = int(np.sum(pred_tumor & true_tumor))
     tn = int(np.sum(~pred_tumor & ~true_tumor))
+    volume_true = np.array([r["true_area"] > 0 for r in patients.values()])
+    volume_pred = np.array([r["pred_tumor"] > 0 for r in patients.values()])
     metrics = {
         "num_patients": len(patients),
         "num_slices": int(true_tumor.size),
@@ -96,14 +145,23 @@ def summarize(patient_ids, counts, pred_tumor) -> tuple[dict, dict]:
         "dice_per_volume_median": float(np.median(volume_dice)) if volume_dice.size else None,
         "dice_tumor_slices_mean": _mean(slice_dice[true_tumor]),
         "iou_per_volume_mean": _mean([r["iou"] for r in patients.values() if r["true_area"] > 0]),
+        "detection_threshold": float(threshold),
         "detection_accuracy": (tp + tn) / max(true_tumor.size, 1),
         "detection_sensitivity": _ratio(tp, int(true_tumor.sum())),
         "detection_specificity": _ratio(tn, int((~true_tumor).sum())),
+        "detection_auc": roc_auc(tumor_prob, true_tumor),
         # A volume counts as detected when its predicted mask overlaps its tumour.
         "volumes_detected": sum(
             1 for r in patients.values() if r["true_area"] > 0 and r["intersection"] > 0
         ),
         "volumes_with_tumor": int(volume_dice.size),
+        # Patient-level detection: a patient is called positive if any slice is.
+        "patient_detection_sensitivity": _ratio(
+            int(np.sum(volume_pred & volume_true)), int(volume_true.sum())
+        ),
+        "patient_detection_specificity": _ratio(
+            int(np.sum(~volume_pred & ~volume_true)), int((~volume_true).sum())
+        ),
     }
     return metrics, patients
 

@@ -4,6 +4,11 @@ Layer for layer the Keras model: with the default widths it has 1,206,129 traina
 parameters and 4,384 BatchNorm statistics, like `shared/bench/torch_resunet.py`.
 Images are NHWC. The network returns logits; the sigmoid lives in the losses and in
 inference so that the loss is computed stably in float32.
+
+Detection: the seed detected tumour slices with a separate ResNet-50. Here an optional
+head on the bottleneck (global average and max pooling -> Dense(1)) gives each slice a
+tumour logit, trained jointly. Without the head the slice's tumour logit is its
+largest pixel logit, so "tumour" means "the predicted mask is not empty".
 """
 
 import functools
@@ -74,6 +79,7 @@ class ResUNet(nn.Module):
             BatchNorm statistics and the returned logits stay float32.
         axis_name: pmap axis over which training BatchNorm statistics are averaged, so
             that replicas normalise like one global batch; None outside pmap.
+        detection_head: add the slice-level tumour classifier on the bottleneck.
     """
 
     stem_features: int = 16
@@ -81,17 +87,18 @@ class ResUNet(nn.Module):
     bottleneck_features: int = 256
     dtype: Any = jnp.float32
     axis_name: str | None = "batch"
+    detection_head: bool = False
 
     @nn.compact
     def __call__(self, x, train: bool = False):
-        """Segments a batch of slices.
+        """Segments a batch of slices and scores each for tumour.
 
         Args:
             x: [B, H, W, C] normalised images; H and W divisible by 2**(len(features)+1).
             train: use batch statistics (synced over the 'batch' axis) and update them.
 
         Returns:
-            [B, H, W, 1] float32 tumour logits.
+            {"mask": [B, H, W, 1] float32 pixel logits, "tumor": [B] float32 slice logits}.
         """
         depth = len(self.features) + 1
         if x.shape[1] % 2**depth or x.shape[2] % 2**depth:
@@ -112,12 +119,17 @@ class ResUNet(nn.Module):
         x = ResBlock(self.bottleneck_features, self.dtype, self.axis_name, name="bottleneck")(
             x, train
         )
+        if self.detection_head:
+            pooled = jnp.concatenate([jnp.mean(x, axis=(1, 2)), jnp.max(x, axis=(1, 2))], -1)
+            tumor = nn.Dense(1, dtype=self.dtype, name="detection_head")(pooled)[:, 0]
         decoder_features = tuple(reversed(self.features)) + (self.stem_features,)
         for i, (f, skip) in enumerate(zip(decoder_features, reversed(skips), strict=True)):
             x = jnp.concatenate([upsample2x(x), skip], axis=-1)
             x = ResBlock(f, self.dtype, self.axis_name, name=f"decoder{i}")(x, train)
-        logits = nn.Conv(1, (1, 1), dtype=self.dtype, name="head")(x)
-        return logits.astype(jnp.float32)
+        logits = nn.Conv(1, (1, 1), dtype=self.dtype, name="head")(x).astype(jnp.float32)
+        if not self.detection_head:
+            tumor = jnp.max(logits, axis=(1, 2, 3))
+        return {"mask": logits, "tumor": tumor.astype(jnp.float32)}
 
 
 def create_model(model_config, axis_name: str | None = "batch") -> ResUNet:
@@ -128,4 +140,5 @@ def create_model(model_config, axis_name: str | None = "batch") -> ResUNet:
         features=tuple(model_config["features"]),
         bottleneck_features=model_config["bottleneck_features"],
         dtype=jnp.dtype(model_config["dtype"]),
+        detection_head=model_config.get("detection_head", False),
     )

@@ -70,31 +70,43 @@ def create_train_state(rng, config: ml_collections.ConfigDict, model) -> TrainSt
     )
 
 
-def train_step(state: TrainState, batch, *, loss_fn, axis_name=parallel.AXIS_NAME):
+def train_step(
+    state: TrainState,
+    batch,
+    *,
+    loss_fn,
+    detection_weight: float = 0.0,
+    axis_name=parallel.AXIS_NAME,
+):
     """One optimizer step on this device's share of the global batch (run under pmap).
 
     Args:
         state: TrainState, identical on all devices.
         batch: {"image": [b, S, S, 3] float32, "mask": [b, S, S, 1] {0, 1}}.
         loss_fn: a `losses` function taking (logits, masks, axis_name).
+        detection_weight: weight of the detection head's slice-level BCE (0: no head).
         axis_name: the pmap axis.
 
     Returns:
         (new state, metrics): metrics are global-batch scalars {"loss", "dice"}.
     """
+    has_tumor = jnp.any(batch["mask"] > 0, axis=(1, 2, 3))
 
     def compute_loss(params):
-        logits, updates = state.apply_fn(
+        outputs, updates = state.apply_fn(
             {"params": params, "batch_stats": state.batch_stats},
             batch["image"],
             train=True,
             mutable=["batch_stats"],
         )
-        return loss_fn(logits, batch["mask"], axis_name), (logits, updates)
+        loss = loss_fn(outputs["mask"], batch["mask"], axis_name)
+        if detection_weight:
+            loss += detection_weight * losses.binary_cross_entropy(
+                outputs["tumor"], has_tumor, axis_name
+            )
+        return loss, (outputs["mask"], updates)
 
-    (loss, (logits, updates)), grads = jax.value_and_grad(compute_loss, has_aux=True)(
-        state.params
-    )
+    (loss, (logits, updates)), grads = jax.value_and_grad(compute_loss, has_aux=True)(state.params)
     # Each device's gradient is its share of the global loss's gradient (see
     # losses.global_sum), so the global gradient is their sum.
     grads = jax.lax.psum(grads, axis_name)
@@ -108,43 +120,75 @@ def train_step(state: TrainState, batch, *, loss_fn, axis_name=parallel.AXIS_NAM
     return new_state, {"loss": loss, "dice": dice}
 
 
-def eval_step(variables, batch, *, model):
-    """Predicts one eval batch (run under pmap) and reduces it to per-slice counts.
+def infer(model, variables, images, flip_tta: bool = False):
+    """Pixel and slice tumour probabilities, optionally averaged with the mirrored slice.
+
+    Args:
+        model: the ResUNet.
+        variables: {"params", "batch_stats"}.
+        images: [b, S, S, 3] model inputs.
+        flip_tta: also predict the left-right mirrored slice and average (test-time
+            augmentation; brains are roughly left-right symmetric).
+
+    Returns:
+        (mask probabilities [b, S, S, 1], tumour probabilities [b]), float32.
+    """
+    out = model.apply(variables, images, train=False)
+    mask, tumor = jax.nn.sigmoid(out["mask"]), jax.nn.sigmoid(out["tumor"])
+    if flip_tta:
+        mirrored = model.apply(variables, images[:, :, ::-1], train=False)
+        mask = 0.5 * (mask + jax.nn.sigmoid(mirrored["mask"])[:, :, ::-1])
+        tumor = 0.5 * (tumor + jax.nn.sigmoid(mirrored["tumor"]))
+    return mask, tumor
+
+
+def eval_step(variables, batch, *, model, flip_tta: bool = False):
+    """Predicts one eval batch (run under pmap) and reduces it to per-slice values.
 
     Args:
         variables: {"params", "batch_stats"}.
         batch: {"image": [b, S, S, 3], "mask": [b, S, S, 1]}.
         model: the ResUNet.
+        flip_tta: see `infer`.
 
     Returns:
-        (None, per-slice dict of [b] arrays: intersection, pred_area, true_area,
-        max_prob), with predicted mask = probability >= 0.5.
+        (None, dict of [b] arrays): `intersection`, `pred_area`, `true_area` of the
+        mask thresholded at probability 0.5 before the detection gate (applied on the
+        host, see metrics.gate), `tumor_prob`, and that mask `pred_mask` [b, S, S] bool
+        for 3D post-processing.
     """
-    logits = model.apply(variables, batch["image"], train=False)
-    counts = metrics.slice_counts(logits >= 0, batch["mask"])
-    counts["max_prob"] = jax.nn.sigmoid(jnp.max(logits, axis=(1, 2, 3)))
+    mask, tumor = infer(model, variables, batch["image"], flip_tta)
+    pred_mask = mask >= 0.5
+    counts = metrics.slice_counts(pred_mask, batch["mask"])
+    counts["tumor_prob"] = tumor
+    counts["pred_mask"] = pred_mask[..., 0]
     return None, counts
 
 
-def predict_step(variables, batch, *, model):
-    """Tumour probabilities for one batch (run under pmap): [b, S, S, 3] -> [b, S, S]."""
-    logits = model.apply(variables, batch["image"], train=False)
-    return None, jax.nn.sigmoid(logits[..., 0])
+def predict_step(variables, batch, *, model, flip_tta: bool = False):
+    """Pixel and slice tumour probabilities for one batch (run under pmap).
+
+    Returns:
+        (None, {"mask": [b, S, S] float32, "tumor": [b] float32}).
+    """
+    mask, tumor = infer(model, variables, batch["image"], flip_tta)
+    return None, {"mask": mask[..., 0], "tumor": tumor}
 
 
 @functools.cache
-def pmapped_train_step(loss_name: str):
-    return parallel.pmap_step(
-        functools.partial(train_step, loss_fn=losses.get_loss(loss_name)), donate_state=True
+def pmapped_train_step(loss_name: str, detection_weight: float = 0.0):
+    step = functools.partial(
+        train_step, loss_fn=losses.get_loss(loss_name), detection_weight=detection_weight
     )
+    return parallel.pmap_step(step, donate_state=True)
 
 
-def pmapped_eval_step(model):
-    return parallel.pmap_step(functools.partial(eval_step, model=model))
+def pmapped_eval_step(model, flip_tta: bool = False):
+    return parallel.pmap_step(functools.partial(eval_step, model=model, flip_tta=flip_tta))
 
 
-def pmapped_predict_step(model):
-    return parallel.pmap_step(functools.partial(predict_step, model=model))
+def pmapped_predict_step(model, flip_tta: bool = False):
+    return parallel.pmap_step(functools.partial(predict_step, model=model, flip_tta=flip_tta))
 
 
 def _mean_metrics(history: list[dict]) -> dict:
@@ -194,16 +238,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     )
     train_iter = parallel.prefetch_to_device(input_pipeline.as_numpy(train_ds))
     evaluator = evaluate.Evaluator(source, config, source.val_ids)
-    step_fn = pmapped_train_step(config.loss)
+    step_fn = pmapped_train_step(
+        config.loss, config.detection_loss_weight if config.model.detection_head else 0.0
+    )
     lr_fn = create_learning_rate_fn(config)
     writer = tensorboard.SummaryWriter(f"{workdir}/tensorboard")
     is_chief = jax.process_index() == 0
 
     logging.info(
         "Training %d -> %d steps, global batch %d over %d devices, %d train / %d val patients",
-        start_step, config.num_train_steps, global_batch, jax.device_count(),
-        len(source.train_ids), len(source.val_ids),
-    )  # fmt: skip
+        start_step,
+        config.num_train_steps,
+        global_batch,
+        jax.device_count(),
+        len(source.train_ids),
+        len(source.val_ids),
+    )
     history, t_last, step_last = [], time.perf_counter(), start_step
     for step in range(start_step + 1, config.num_train_steps + 1):
         state, step_metrics = step_fn(state, next(train_iter))
@@ -225,9 +275,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             t_last, step_last = time.perf_counter(), step
             logging.info(
                 "step %d/%d  loss %.4f  dice %.3f  %.1f images/s  ETA %s",
-                step, config.num_train_steps, summary["loss"], summary["dice"], images_per_s,
+                step,
+                config.num_train_steps,
+                summary["loss"],
+                summary["dice"],
+                images_per_s,
                 time.strftime("%H:%M:%S", time.gmtime(eta)),
-            )  # fmt: skip
+            )
             if is_chief:
                 for k, v in summary.items():
                     writer.scalar(f"train/{k}", v, step)
@@ -237,13 +291,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             val_metrics, _ = evaluator.run(state.params, state.batch_stats)
             logging.info(
                 "step %d validation: dice_per_volume_mean %.4f  dice_tumor_slices_mean %.4f",
-                step, val_metrics["dice_per_volume_mean"] or 0.0,
+                step,
+                val_metrics["dice_per_volume_mean"] or 0.0,
                 val_metrics["dice_tumor_slices_mean"] or 0.0,
-            )  # fmt: skip
+            )
             if is_chief:
                 for k, v in val_metrics.items():
                     if isinstance(v, float):
                         writer.scalar(f"val/{k}", v, step)
+                grid = evaluator.results_grid(
+                    state.params, state.batch_stats, val_metrics["detection_threshold"]
+                )
+                writer.image("val/results_grid", grid, step)
             dice = val_metrics["dice_per_volume_mean"] or 0.0
             if dice > meta["best_dice"]:
                 meta.update(best_dice=dice, best_step=step)

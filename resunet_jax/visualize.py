@@ -31,3 +31,75 @@ def per_patient_dice_figure(patients: dict, path: str):
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def _overlay(image, mask, color):
+    """RGB uint8 [H, W, 3] with `mask` pixels tinted `color` (r, g, b)."""
+    out = image.astype(np.float32).copy()
+    tint = np.array(color, np.float32)
+    out[mask > 0] = 0.5 * out[mask > 0] + 0.5 * tint
+    return out.astype(np.uint8)
+
+
+GRID_COLUMNS = (
+    "Brain MRI",
+    "Original mask",
+    "Predicted mask",
+    "MRI + original mask",
+    "MRI + predicted mask",
+)
+
+
+def results_grid(images, true_masks, pred_masks, titles=None) -> np.ndarray:
+    """The original project's results grid, one row per slice.
+
+    Columns: GRID_COLUMNS; the ground truth is overlaid in red, the prediction in green.
+
+    Args:
+        images: [N, H, W, 3] uint8 slices.
+        true_masks: [N, H, W] {0, 1} ground truth.
+        pred_masks: [N, H, W] {0, 1} predictions.
+        titles: optional N row labels (e.g. patient and slice).
+
+    Returns:
+        The rendered figure, [height, width, 3] uint8.
+    """
+    n = len(images)
+    fig, axes = plt.subplots(n, 5, figsize=(12.5, 2.6 * n), squeeze=False)
+    for i in range(n):
+        panels = (
+            images[i],
+            true_masks[i],
+            pred_masks[i],
+            _overlay(images[i], true_masks[i], (255, 0, 0)),
+            _overlay(images[i], pred_masks[i], (0, 255, 0)),
+        )
+        for j, panel in enumerate(panels):
+            ax = axes[i, j]
+            ax.imshow(
+                panel,
+                cmap="gray" if panel.ndim == 2 else None,
+                vmin=0,
+                vmax=1 if panel.ndim == 2 else None,
+            )
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if i == 0:
+                ax.set_title(GRID_COLUMNS[j], fontsize=10)
+        if titles is not None:
+            axes[i, 0].set_ylabel(titles[i], fontsize=7)
+    fig.tight_layout()
+    fig.canvas.draw()
+    rendered = np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
+    plt.close(fig)
+    return rendered
+
+
+def overlay_png(image, mask, path: str):
+    """Writes `image` [H, W, 3] uint8 with `mask` [H, W] outlined in green as a PNG."""
+    plt.imsave(path, _overlay(image, mask, (0, 255, 0)))
+
+
+def save_png(array, path: str):
+    """Writes an [H, W, 3] uint8 array as a PNG."""
+    plt.imsave(path, array)

@@ -15,8 +15,9 @@ def _write_patient(root, pid, n, compression=None, size=16):
         mask = np.zeros((size, size), np.uint8)
         mask[2:5, 3:7] = 255 if k % 2 else 0
         tifffile.imwrite(os.path.join(root, pid, f"{pid}_{k}.tif"), image, compression=compression)
-        tifffile.imwrite(os.path.join(root, pid, f"{pid}_{k}_mask.tif"), mask,
-                         compression=compression)  # fmt: skip
+        tifffile.imwrite(
+            os.path.join(root, pid, f"{pid}_{k}_mask.tif"), mask, compression=compression
+        )
 
 
 def test_discover_sorts_slices_numerically_and_pairs_masks(tmp_path):
@@ -83,8 +84,9 @@ def test_prepare_builds_tfds_once_and_round_trips_pixels(tmp_path):
     _write_patient(src, "P", 3, compression="zlib")
     slices = lgg.discover(str(src))
     builder = lgg.prepare(str(src), str(tmp_path / "prep"), slices)
-    examples = sorted(builder.as_dataset(split=lgg.SPLIT).as_numpy_iterator(),
-                      key=lambda e: e["slice_index"])  # fmt: skip
+    examples = sorted(
+        builder.as_dataset(split=lgg.SPLIT).as_numpy_iterator(), key=lambda e: e["slice_index"]
+    )
     assert [e["slice_index"] for e in examples] == [1, 2, 3]
     np.testing.assert_array_equal(examples[0]["image"], lgg.read_image(slices[0].image_path))
     np.testing.assert_array_equal(examples[0]["mask"][..., 0], lgg.read_mask(slices[0].mask_path))

@@ -28,8 +28,11 @@ def test_train_batches_are_laid_out_per_device(tiny_data, tmp_path):
     assert batch["image"].dtype == np.float32 and 0 <= batch["image"].min() <= 1
     assert batch["mask"].shape == (devices, 8 // devices, 32, 32, 1)
     assert set(np.unique(batch["mask"])) <= {0, 1}
-    again = next(input_pipeline.as_numpy(
-        input_pipeline.create_train_dataset(builder, ids[:4], _config(), 8, seed=0)))  # fmt: skip
+    again = next(
+        input_pipeline.as_numpy(
+            input_pipeline.create_train_dataset(builder, ids[:4], _config(), 8, seed=0)
+        )
+    )
     np.testing.assert_array_equal(batch["image"], again["image"])  # seeded = reproducible
 
 
@@ -38,8 +41,7 @@ def test_eval_dataset_visits_each_slice_of_the_patients_once(tiny_data, tmp_path
     ids = lgg.patient_ids(lgg.discover(tiny_data))
     ds = input_pipeline.create_eval_dataset(builder, ids[:2], _config(64), batch_size=5)
     batches = list(input_pipeline.as_numpy(ds))
-    keys = [(p, i) for b in batches for p, i in zip(b["patient_id"], b["slice_index"],
-                                                     strict=True)]  # fmt: skip
+    keys = [(p, i) for b in batches for p, i in zip(b["patient_id"], b["slice_index"], strict=True)]
     assert sorted(keys) == [(p, i) for p in ids[:2] for i in range(1, 7)]
     assert batches[0]["image"].shape[1:] == (64, 64, 3)
     assert batches[0]["orig_height"][0] == 32

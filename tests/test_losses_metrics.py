@@ -28,19 +28,17 @@ def test_soft_dice_by_hand_and_empty_masks():
     # 1 - (2*1 + 1) / (2*1 + 1 + 1 + 1) = 1 - 3/5
     np.testing.assert_allclose(losses.soft_dice(logits, masks), 0.4, rtol=1e-6)
     empty = jnp.zeros_like(masks)
-    np.testing.assert_allclose(losses.soft_dice(jnp.full_like(logits, -BIG), empty), 0.0,
-                               atol=1e-6)  # fmt: skip
+    np.testing.assert_allclose(losses.soft_dice(jnp.full_like(logits, -BIG), empty), 0.0, atol=1e-6)
     # An empty truth with 4 false-positive pixels: 1 - 1/(4+1)
-    np.testing.assert_allclose(losses.soft_dice(jnp.full_like(logits, BIG), empty), 0.8,
-                               rtol=1e-6)  # fmt: skip
+    np.testing.assert_allclose(losses.soft_dice(jnp.full_like(logits, BIG), empty), 0.8, rtol=1e-6)
 
 
 def test_bce_by_hand():
     logits = jnp.zeros((1, 1, 2, 1))
     masks = jnp.array([[[[0.0], [1.0]]]])
     np.testing.assert_allclose(losses.binary_cross_entropy(logits, masks), np.log(2), rtol=1e-6)
-    np.testing.assert_allclose(losses.dice_bce(logits, masks),
-                               1 - (1 + 1) / (1 + 0.5 + 0.5 + 1) + np.log(2), rtol=1e-6)  # fmt: skip
+    expected = 1 - (1 + 1) / (1 + 0.5 + 0.5 + 1) + np.log(2)
+    np.testing.assert_allclose(losses.dice_bce(logits, masks), expected, rtol=1e-6)
 
 
 @pytest.mark.parametrize("name", sorted(losses.LOSSES))
@@ -50,9 +48,9 @@ def test_losses_over_devices_equal_the_global_batch_loss_and_gradient(name):
     masks = (jax.random.uniform(jax.random.key(1), (4, 8, 8, 1)) > 0.7).astype(jnp.float32)
     value, grad = jax.value_and_grad(loss_fn)(logits, masks)
     split = lambda x: x.reshape(2, 2, 8, 8, 1)  # noqa: E731
-    values, grads = jax.pmap(
-        jax.value_and_grad(lambda lg, m: loss_fn(lg, m, "d")), axis_name="d"
-    )(split(logits), split(masks))
+    values, grads = jax.pmap(jax.value_and_grad(lambda lg, m: loss_fn(lg, m, "d")), axis_name="d")(
+        split(logits), split(masks)
+    )
     np.testing.assert_allclose(values, [value, value], rtol=1e-5)
     np.testing.assert_allclose(grads.reshape(grad.shape), grad, rtol=1e-5, atol=1e-8)
 
@@ -88,7 +86,7 @@ def test_summarize_per_volume_dice_and_detection():
         "pred_area": np.array([4.0, 2, 0, 0]),
         "true_area": np.array([4.0, 0, 0, 5]),
     }
-    summary, patients = metrics.summarize(ids, counts, counts["pred_area"] > 0)
+    summary, patients = metrics.summarize(ids, counts, (counts["pred_area"] > 0) * 0.9)
     assert patients["a"]["dice"] == pytest.approx(0.6)
     assert np.isnan(patients["b"]["dice"])
     assert summary["num_patients"] == 3 and summary["num_slices"] == 4
@@ -101,3 +99,32 @@ def test_summarize_per_volume_dice_and_detection():
     assert summary["detection_accuracy"] == pytest.approx(0.5)
     assert summary["detection_sensitivity"] == pytest.approx(0.5)
     assert summary["detection_specificity"] == pytest.approx(0.5)
+
+
+def test_gate_empties_masks_of_slices_called_tumour_free():
+    ids = np.array(["a", "a", "a"])
+    counts = {
+        "intersection": np.array([3.0, 0, 0]),
+        "pred_area": np.array([4.0, 5, 0]),
+        "true_area": np.array([4.0, 0, 0]),
+    }
+    prob = np.array([0.9, 0.3, 0.1])
+    ungated, _ = metrics.summarize(ids, counts, prob, threshold=0.2)
+    gated, _ = metrics.summarize(ids, counts, prob, threshold=0.5)
+    assert ungated["dice_per_volume_mean"] == pytest.approx(6 / 13)
+    assert gated["dice_per_volume_mean"] == pytest.approx(6 / 8)  # slice 2's FP removed
+    assert ungated["detection_accuracy"] == pytest.approx(2 / 3)
+    assert gated["detection_accuracy"] == 1.0 and gated["detection_threshold"] == 0.5
+    assert gated["detection_auc"] == 1.0
+    assert gated["patient_detection_sensitivity"] == 1.0
+    assert gated["patient_detection_specificity"] is None  # no tumour-free patient
+
+
+def test_roc_auc_and_threshold_selection_by_hand():
+    # Positives 0.8, 0.4; negatives 0.6, 0.1: 3 of 4 pairs ordered -> 0.75.
+    assert metrics.roc_auc([0.8, 0.4, 0.6, 0.1], [1, 1, 0, 0]) == pytest.approx(0.75)
+    assert metrics.roc_auc([0.5, 0.5], [1, 0]) == pytest.approx(0.5)
+    assert metrics.roc_auc([0.5], [1]) is None
+    # Separable at any threshold in (0.3, 0.7]: the one nearest 0.5 wins.
+    assert metrics.select_threshold([0.9, 0.75, 0.3, 0.1], [1, 1, 0, 0]) == 0.5
+    assert metrics.select_threshold([0.9, 0.2, 0.1, 0.05], [1, 1, 0, 0]) == pytest.approx(0.2)

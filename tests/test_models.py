@@ -21,12 +21,27 @@ def test_seed_resunet_has_the_keras_parameter_count():
 def test_output_is_one_logit_per_pixel_in_float32_also_in_bf16():
     x = jax.random.uniform(jax.random.key(1), (2, 32, 32, 3))
     for dtype in (jnp.float32, jnp.bfloat16):
-        model = models.ResUNet(stem_features=4, features=(8, 16), bottleneck_features=16,
-                               dtype=dtype)  # fmt: skip
+        model = models.ResUNet(
+            stem_features=4, features=(8, 16), bottleneck_features=16, dtype=dtype
+        )
         variables = model.init(jax.random.key(0), x)
         assert jax.tree.leaves(variables["params"])[0].dtype == jnp.float32
         out = model.apply(variables, x)
-        assert out.shape == (2, 32, 32, 1) and out.dtype == jnp.float32
+        assert out["mask"].shape == (2, 32, 32, 1) and out["mask"].dtype == jnp.float32
+        # Without a head, a slice's tumour logit is its largest pixel logit.
+        np.testing.assert_allclose(out["tumor"], out["mask"].max(axis=(1, 2, 3)))
+
+
+def test_detection_head_scores_each_slice():
+    model = models.ResUNet(
+        stem_features=4, features=(8,), bottleneck_features=8, detection_head=True
+    )
+    x = jax.random.uniform(jax.random.key(1), (3, 16, 16, 3))
+    variables = model.init(jax.random.key(0), x)
+    assert variables["params"]["detection_head"]["kernel"].shape == (16, 1)  # mean+max pool
+    out = model.apply(variables, x)
+    assert out["tumor"].shape == (3,) and out["tumor"].dtype == jnp.float32
+    assert not np.allclose(out["tumor"], out["mask"].max(axis=(1, 2, 3)))
 
 
 def test_train_mode_updates_batch_stats_inside_pmap():

@@ -47,14 +47,17 @@ def test_step_on_two_devices_equals_step_on_one_device(loss):
     (one, m1), (two, m2) = results
     assert int(two.step) == 3
     np.testing.assert_allclose(m2["loss"], [m1["loss"][0]] * 2, rtol=1e-5)
-    moved = [np.abs(a - b).max() for a, b in zip(jax.tree.leaves(one.params),
-                                                 jax.tree.leaves(state.params), strict=True)]
+    moved = [
+        np.abs(a - b).max()
+        for a, b in zip(jax.tree.leaves(one.params), jax.tree.leaves(state.params), strict=True)
+    ]
     assert max(moved) > 1e-2  # the steps changed the parameters
     for a, b in zip(jax.tree.leaves(one.params), jax.tree.leaves(two.params), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
     # BatchNorm running statistics are those of the global batch on both.
-    for a, b in zip(jax.tree.leaves(one.batch_stats), jax.tree.leaves(two.batch_stats),
-                    strict=True):  # fmt: skip
+    for a, b in zip(
+        jax.tree.leaves(one.batch_stats), jax.tree.leaves(two.batch_stats), strict=True
+    ):
         np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-6)
 
 
@@ -71,8 +74,14 @@ def test_loss_falls_when_training_on_one_batch():
 
 
 def _launch(workdir, *flags):
-    cmd = [sys.executable, "launch.py", "--config=configs/tiny.py", f"--workdir={workdir}",
-           f"--config.data.prepared_dir={workdir}/prepared", *flags]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "launch.py",
+        "--config=configs/tiny.py",
+        f"--workdir={workdir}",
+        f"--config.data.prepared_dir={workdir}/prepared",
+        *flags,
+    ]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc.stderr
@@ -87,14 +96,24 @@ def test_launch_trains_evaluates_and_resumes(tmp_path):
     assert any(f.startswith("events") for f in os.listdir(os.path.join(workdir, "tensorboard")))
     with open(os.path.join(workdir, "eval", "metrics.json")) as f:
         trained = json.load(f)
-    for key in ("num_patients", "num_slices", "dice_per_volume_mean", "dice_per_volume_median",
-                "dice_tumor_slices_mean", "detection_accuracy", "detection_sensitivity",
-                "detection_specificity", "volumes_detected", "volumes_with_tumor",
-                "checkpoint_step"):  # fmt: skip
+    for key in (
+        "num_patients",
+        "num_slices",
+        "dice_per_volume_mean",
+        "dice_per_volume_median",
+        "dice_tumor_slices_mean",
+        "detection_accuracy",
+        "detection_sensitivity",
+        "detection_specificity",
+        "volumes_detected",
+        "volumes_with_tumor",
+        "checkpoint_step",
+    ):
         assert key in trained
     assert trained["num_patients"] == 2 and trained["num_slices"] == 12
     assert os.path.exists(os.path.join(workdir, "eval", "per_patient.csv"))
     assert os.path.exists(os.path.join(workdir, "eval", "per_patient_dice.png"))
+    assert os.path.exists(os.path.join(workdir, "eval", "results_grid.png"))
 
     # --mode=eval restores the same checkpoint and reproduces the final evaluation.
     os.rename(os.path.join(workdir, "eval"), os.path.join(workdir, "eval_train"))

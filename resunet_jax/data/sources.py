@@ -76,8 +76,11 @@ def open_source(config: ml_collections.ConfigDict, workdir: str) -> Source:
         logging.info(
             "config.data.dir is empty: using SYNTHETIC phantom data (%d patients x %d slices, "
             "%d px) generated under %s. Pass --config.data.dir=PATH/kaggle_3m for real data.",
-            syn.num_patients, syn.slices_per_patient, syn.size, data_dir,
-        )  # fmt: skip
+            syn.num_patients,
+            syn.slices_per_patient,
+            syn.size,
+            data_dir,
+        )
         if jax.process_index() == 0:
             synthetic.write_synthetic_dataset(
                 data_dir, syn.num_patients, syn.slices_per_patient, syn.size, seed=syn.seed
@@ -97,7 +100,13 @@ def open_source(config: ml_collections.ConfigDict, workdir: str) -> Source:
     multihost_utils.sync_global_devices("resunet_jax data prepared")
     if jax.process_index() != 0:
         builder = lgg.prepare(data_dir, root, slices)
-    logging.info("Data %s: %d patients, %d slices (%d train, %d val patients)", data_dir,
-                 len(ids), len(slices), len(train_ids), len(val_ids))  # fmt: skip
+    logging.info(
+        "Data %s: %d patients, %d slices (%d train, %d val patients)",
+        data_dir,
+        len(ids),
+        len(slices),
+        len(train_ids),
+        len(val_ids),
+    )
     eval_ids = ids if config.eval.split == "all" else val_ids
     return Source(config, data_dir, builder, train_ids, val_ids, eval_ids, is_synthetic)

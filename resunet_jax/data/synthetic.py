@@ -92,8 +92,9 @@ def write_synthetic_dataset(
         `root/synthetic.json`, written last) is kept as it is.
     """
     root = os.fspath(root)
-    params = dict(num_patients=num_patients, slices_per_patient=slices_per_patient,
-                  size=size, seed=seed)  # fmt: skip
+    params = dict(
+        num_patients=num_patients, slices_per_patient=slices_per_patient, size=size, seed=seed
+    )
     ids = [f"TCGA_SY_A{i:03d}_20000101" for i in range(1, num_patients + 1)]
     marker = os.path.join(root, _MARKER)
     if os.path.exists(marker):

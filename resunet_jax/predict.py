@@ -1,0 +1,175 @@
+"""Runs a trained model on a user's own scans: .tif slices in, masks, overlays and a CSV out.
+
+Input: one .tif, a folder of .tif slices, or a folder of patient folders (`*_mask.tif`
+files are ground truth and skipped). Each slice is brought to the model's input the way
+training saw it: 1-channel images are replicated to 3 channels, 16-bit and float images
+rescaled to 0..255, any size resized to `data.image_size`; the predicted mask is resized
+back to the slice's own size. A file that cannot be used gets one error line naming it
+and a row in predictions.csv; the other files are still processed.
+"""
+
+import csv
+import os
+import re
+
+import jax
+import numpy as np
+import tifffile
+from absl import logging
+
+from resunet_jax import checkpointing, evaluate, input_pipeline, models, parallel, train, visualize
+from resunet_jax.data import lgg
+
+CSV_FIELDS = ("file", "tumor_probability", "tumor", "predicted_area_pixels", "mask_file", "error")
+
+
+def find_inputs(path: str) -> list[str]:
+    """The .tif slices at `path` (a file, a folder, or a folder of folders), sorted.
+
+    Raises:
+        lgg.DataError: `path` does not exist or holds no .tif slice.
+    """
+    if os.path.isfile(path):
+        return [path]
+    if not os.path.isdir(path):
+        raise lgg.DataError(f"{path}: no such file or folder")
+    found = []
+    for folder, _, names in os.walk(path):
+        found += [
+            os.path.join(folder, n)
+            for n in names
+            if n.lower().endswith((".tif", ".tiff")) and "_mask." not in n.lower()
+        ]
+    if not found:
+        raise lgg.DataError(f"{path}: no .tif slices found")
+    return sorted(found, key=_natural_key)
+
+
+def _natural_key(path: str):
+    """Sorts `x_2.tif` before `x_10.tif` (slice numbers are not zero-padded)."""
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", path)]
+
+
+def load_slice(path: str) -> np.ndarray:
+    """Reads a user's slice as [H, W, 3] uint8.
+
+    Accepts [H, W] (grey, replicated), [H, W, 1|3|4] (alpha dropped) and [3, H, W];
+    uint16/int/float images are rescaled by their own range to 0..255.
+
+    Raises:
+        lgg.DataError: unreadable, not an image, or an unsupported shape.
+    """
+    image = lgg._read_tif(path)
+    if image.ndim == 3 and image.shape[0] in (1, 3) and image.shape[-1] not in (1, 3, 4):
+        image = np.moveaxis(image, 0, -1)
+    if image.ndim == 2:
+        image = image[..., None]
+    if image.ndim != 3 or image.shape[-1] not in (1, 3, 4) or min(image.shape[:2]) < 8:
+        raise lgg.DataError(f"{path}: not a 2-D slice (shape {image.shape})")
+    image = image[..., :3] if image.shape[-1] == 4 else image
+    image = np.repeat(image, 3, axis=-1) if image.shape[-1] == 1 else image
+    if image.dtype != np.uint8:
+        if not (np.issubdtype(image.dtype, np.integer) or np.issubdtype(image.dtype, np.floating)):
+            raise lgg.DataError(f"{path}: unsupported pixel type {image.dtype}")
+        image = image.astype(np.float64)
+        lo, hi = np.nanmin(image), np.nanmax(image)
+        if not np.isfinite([lo, hi]).all():
+            raise lgg.DataError(f"{path}: image has non-finite pixels")
+        image = np.round((image - lo) * (255.0 / (hi - lo) if hi > lo else 0.0)).astype(np.uint8)
+    return image
+
+
+def _write_prediction(path, image, prob_map, tumor_prob, threshold, base, out_dir) -> dict:
+    """Writes one slice's mask (and overlay if tumour); returns its CSV row.
+
+    Args:
+        path: the input file.
+        image: [H, W, 3] uint8 slice as read.
+        prob_map: [S, S] tumour probabilities at the model's resolution.
+        tumor_prob: slice tumour probability; under `threshold` the mask is emptied.
+        base: input root; outputs mirror the path below it.
+        out_dir: output folder.
+    """
+    import tensorflow as tf
+
+    full = tf.image.resize(prob_map[..., None], image.shape[:2]).numpy()[..., 0]
+    mask = (full >= 0.5) & (tumor_prob >= threshold)
+    rel = os.path.splitext(os.path.relpath(path, base))[0]
+    mask_path = os.path.join(out_dir, f"{rel}_pred_mask.tif")
+    os.makedirs(os.path.dirname(mask_path), exist_ok=True)
+    tifffile.imwrite(mask_path, (mask * 255).astype(np.uint8), compression="zlib")
+    if mask.any():
+        visualize.overlay_png(image, mask, os.path.join(out_dir, f"{rel}_overlay.png"))
+    return {
+        "file": path,
+        "tumor_probability": round(tumor_prob, 6),
+        "tumor": bool(mask.any()),
+        "predicted_area_pixels": int(mask.sum()),
+        "mask_file": mask_path,
+        "error": "",
+    }
+
+
+def predict(config, workdir: str) -> list[dict]:
+    """Predicts every slice under `config.predict.input` into `workdir/predict/`.
+
+    Returns:
+        The predictions.csv rows.
+    """
+    variables, meta = checkpointing.restore_model(config.checkpoint or workdir)
+    config = evaluate.checkpoint_config(config, meta)
+    threshold = meta.get("val_metrics", {}).get("detection_threshold", 0.5)
+    step = train.pmapped_predict_step(models.create_model(config.model), config.eval.flip_tta)
+    root = config.predict.input
+    paths = find_inputs(root)
+    base = root if os.path.isdir(root) else os.path.dirname(root)
+    out_dir = os.path.join(workdir, "predict")
+    os.makedirs(out_dir, exist_ok=True)
+    rows, batch_size = [], -(-config.eval.batch_size // jax.local_device_count())
+    batch_size *= jax.local_device_count()
+    for start in range(0, len(paths), batch_size):
+        chunk = []  # (path, image, model input) of the readable files
+        for path in paths[start : start + batch_size]:
+            try:
+                image = load_slice(path)
+            except lgg.DataError as e:
+                logging.error("%s", e)
+                rows.append(dict.fromkeys(CSV_FIELDS, "") | {"file": path, "error": str(e)})
+                continue
+            resized = input_pipeline.resize_example(
+                {"image": image, "mask": np.zeros(image.shape[:2] + (1,), np.uint8)},
+                config.data.image_size,
+            )["image"]
+            model_in = input_pipeline.normalize(resized, config.data.normalization)
+            chunk.append((path, image, model_in))
+        if not chunk:
+            continue
+        padded, n = parallel.pad_batch({"image": np.stack([c[2] for c in chunk])}, batch_size)
+        _, out = step(variables, parallel.split_for_devices(padded))
+        prob_maps = np.asarray(out["mask"]).reshape(-1, *out["mask"].shape[2:])[:n]
+        tumor_probs = np.asarray(out["tumor"]).reshape(-1)[:n]
+        for (path, image, _), prob_map, tumor_prob in zip(
+            chunk, prob_maps, tumor_probs, strict=True
+        ):
+            rows.append(
+                _write_prediction(
+                    path, image, prob_map, float(tumor_prob), threshold, base, out_dir
+                )
+            )
+    csv_path = os.path.join(out_dir, "predictions.csv")
+    with open(csv_path + ".tmp", "w", newline="") as f:
+        writer = csv.DictWriter(f, CSV_FIELDS)
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(csv_path + ".tmp", csv_path)
+    failed = sum(1 for r in rows if r["error"])
+    logging.info(
+        "Predicted %d slices (%d with tumour, %d failed) into %s",
+        len(rows) - failed,
+        sum(1 for r in rows if r["tumor"] is True),
+        failed,
+        out_dir,
+    )
+    if failed == len(rows):
+        raise lgg.DataError(f"{root}: none of the {len(rows)} .tif files could be used")
+    return rows

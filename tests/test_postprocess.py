@@ -1,0 +1,34 @@
+import numpy as np
+
+from resunet_jax import postprocess
+
+
+def test_keeps_the_largest_3d_component_across_slices():
+    volume = np.zeros((4, 8, 8), bool)
+    volume[0:3, 2:4, 2:4] = True  # 12 voxels spanning 3 slices
+    volume[1, 6, 6] = True  # a 1-voxel false positive on a lesion slice
+    volume[3, 0:2, 6:8] = True  # 4 voxels alone on slice 3
+    kept = postprocess.largest_component_3d(volume)
+    expected = np.zeros_like(volume)
+    expected[0:3, 2:4, 2:4] = True
+    np.testing.assert_array_equal(kept, expected)
+    # Diagonal neighbours across slices are connected (26-connectivity).
+    diagonal = np.zeros((2, 3, 3), bool)
+    diagonal[0, 0, 0] = diagonal[1, 1, 1] = True
+    np.testing.assert_array_equal(postprocess.largest_component_3d(diagonal), diagonal)
+    assert not postprocess.largest_component_3d(np.zeros((2, 3, 3), bool)).any()
+
+
+def test_per_patient_uses_slice_order_not_input_order():
+    # Patient a's slices 1 and 3 are given first, slice 2 (the bridge) last.
+    ids = np.array(["a", "a", "b", "a"])
+    index = np.array([1, 3, 1, 2])
+    masks = np.zeros((4, 4, 4), bool)
+    masks[0, 0, 0] = True  # a/1
+    masks[1, 0, 0] = True  # a/3
+    masks[3, 0, 0] = True  # a/2 connects a/1 and a/3
+    masks[1, 3, 3] = True  # a/3 small separate blob
+    masks[2, 1, 1] = True  # b/1
+    out = postprocess.largest_component_per_patient(ids, index, masks)
+    assert out[0, 0, 0] and out[1, 0, 0] and out[3, 0, 0] and not out[1, 3, 3]
+    assert out[2, 1, 1]  # patients are processed separately

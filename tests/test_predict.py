@@ -1,0 +1,95 @@
+import csv
+import os
+
+import jax
+import numpy as np
+import pytest
+import tifffile
+
+from configs import tiny
+from resunet_jax import checkpointing, models, predict, train
+from resunet_jax.data import lgg
+
+
+@pytest.fixture(scope="module")
+def exported_model(tmp_path_factory):
+    """An untrained tiny model exported like pretrained weights (params + BN only)."""
+    config = tiny.get_config()
+    config.model.detection_head = False  # "tumour" = non-empty mask, so some slices are
+    state = train.create_train_state(jax.random.key(0), config, models.create_model(config.model))
+    path = str(tmp_path_factory.mktemp("model"))
+    meta = {"step": 0, "config": checkpointing.config_json(config)}
+    checkpointing.export_model(
+        path, {"params": state.params, "batch_stats": state.batch_stats}, meta
+    )
+    return path
+
+
+def _inputs(folder):
+    rng = np.random.default_rng(0)
+    os.makedirs(folder / "patient", exist_ok=True)
+    tifffile.imwrite(folder / "patient" / "gray_2.tif", rng.integers(0, 256, (32, 32), np.uint8))
+    tifffile.imwrite(
+        folder / "patient" / "deep_10.tif",
+        rng.integers(0, 65536, (32, 32, 3), np.uint16),
+        compression="zlib",
+    )
+    tifffile.imwrite(folder / "patient" / "odd_3.tif", rng.integers(0, 256, (50, 37, 3), np.uint8))
+    tifffile.imwrite(folder / "patient" / "odd_3_mask.tif", np.zeros((50, 37), np.uint8))
+    (folder / "patient" / "broken_4.tif").write_bytes(b"II*\x00garbage")
+    (folder / "patient" / "notes_5.tif").write_text("not an image")
+
+
+def test_predict_handles_user_inputs_and_reports_bad_files(tmp_path, exported_model):
+    _inputs(tmp_path / "in")
+    config = tiny.get_config()
+    config.checkpoint = exported_model
+    config.predict.input = str(tmp_path / "in")
+    rows = predict.predict(config, str(tmp_path / "work"))
+    by_name = {os.path.basename(r["file"]): r for r in rows}
+    assert sorted(by_name) == [
+        "broken_4.tif",
+        "deep_10.tif",
+        "gray_2.tif",
+        "notes_5.tif",
+        "odd_3.tif",
+    ]  # masks are skipped
+    for name in ("broken_4.tif", "notes_5.tif"):
+        assert by_name[name]["error"].startswith(str(tmp_path / "in" / "patient" / name))
+    out = tmp_path / "work" / "predict" / "patient"
+    for name, shape in (("gray_2", (32, 32)), ("deep_10", (32, 32)), ("odd_3", (50, 37))):
+        mask = tifffile.imread(out / f"{name}_pred_mask.tif")
+        assert mask.shape == shape and mask.dtype == np.uint8
+        assert set(np.unique(mask)) <= {0, 255}
+        row = by_name[f"{name}.tif"]
+        assert row["error"] == "" and row["predicted_area_pixels"] == int((mask > 0).sum())
+        assert os.path.exists(out / f"{name}_overlay.png") == row["tumor"]
+    with open(tmp_path / "work" / "predict" / "predictions.csv") as f:
+        assert len(list(csv.DictReader(f))) == 5
+
+
+def test_load_slice_normalises_channels_and_depth(tmp_path):
+    gray = tmp_path / "g.tif"
+    tifffile.imwrite(gray, np.arange(64, dtype=np.uint16).reshape(8, 8) * 1000)
+    image = predict.load_slice(str(gray))
+    assert image.shape == (8, 8, 3) and image.dtype == np.uint8
+    assert image.min() == 0 and image.max() == 255
+    np.testing.assert_array_equal(image[..., 0], image[..., 2])
+    chw = tmp_path / "c.tif"
+    tifffile.imwrite(chw, np.zeros((3, 20, 24), np.uint8), photometric="minisblack")
+    assert predict.load_slice(str(chw)).shape == (20, 24, 3)
+
+
+def test_predict_errors_on_empty_or_missing_input(tmp_path, exported_model):
+    config = tiny.get_config()
+    config.checkpoint = exported_model
+    (tmp_path / "empty").mkdir()
+    for path, message in ((tmp_path / "empty", "no .tif slices"), (tmp_path / "nope", "no such")):
+        config.predict.input = str(path)
+        with pytest.raises(lgg.DataError, match=message):
+            predict.predict(config, str(tmp_path / "work"))
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "x.tif").write_text("nope")
+    config.predict.input = str(tmp_path / "bad")
+    with pytest.raises(lgg.DataError, match="none of the 1"):
+        predict.predict(config, str(tmp_path / "work"))
