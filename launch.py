@@ -5,12 +5,14 @@ python launch.py --config=configs/resunet.py --workdir=DIR [--mode=train|eval|pr
 """
 
 import logging as pylogging
+import sys
 
 import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from resunet_jax import evaluate, predict, train
+from resunet_jax import checkpointing, evaluate, predict, train
+from resunet_jax.data import lgg
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config file (ml_collections).")
@@ -23,6 +25,14 @@ flags.DEFINE_enum(
     "or predict (--config.predict.input=PATH -> WORKDIR/predict/).",
 )
 flags.mark_flags_as_required(["config", "workdir"])
+
+USER_ERRORS = (
+    lgg.DataError,
+    checkpointing.CheckpointError,
+    FloatingPointError,
+    FileNotFoundError,
+    ValueError,
+)
 
 
 class _QuietOrbax(pylogging.Filter):
@@ -47,12 +57,19 @@ def main(argv):
     logging.info(
         "JAX process %d/%d, devices: %s", jax.process_index(), jax.process_count(), jax.devices()
     )
-    if FLAGS.mode == "train":
-        train.train_and_evaluate(config, FLAGS.workdir)
-    elif FLAGS.mode == "eval":
-        evaluate.evaluate_checkpoint(config, FLAGS.workdir)
-    else:
-        predict.predict(config, FLAGS.workdir)
+    run = {
+        "train": train.train_and_evaluate,
+        "eval": evaluate.evaluate_checkpoint,
+        "predict": predict.predict,
+    }[FLAGS.mode]
+    try:
+        run(config, FLAGS.workdir)
+    except USER_ERRORS as e:
+        # Bad data, checkpoints or settings: one clear message, no traceback (see it
+        # with --verbosity=1).
+        logging.debug("Traceback", exc_info=True)
+        logging.error("%s", e)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

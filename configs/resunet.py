@@ -106,7 +106,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.defaults = ml_collections.ConfigDict()
     config.defaults.lgg = {
         "data": {"image_size": 128},
-        "num_train_steps": 4000,
+        "num_train_steps": 3000,
         "eval_every_steps": 500,
     }
     config.defaults.synthetic = {

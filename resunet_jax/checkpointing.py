@@ -11,9 +11,12 @@ evaluation restores the model from the checkpoint's own config.
 import json
 import os
 
+import jax
 import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
+from flax import traverse_util
+from jax.experimental import multihost_utils
 
 LATEST_DIR = "checkpoints"
 BEST_DIR = "checkpoints_best"
@@ -46,18 +49,45 @@ class Checkpointer:
     def restore_latest(self, abstract_state):
         """Restores the newest readable training checkpoint.
 
+        A damaged step (say, files cut short by a crash) is skipped with a warning
+        naming it; interrupted saves (`*.orbax-checkpoint-tmp*`) are never candidates.
+
         Args:
             abstract_state: TrainState of jax.ShapeDtypeStructs (from jax.eval_shape).
 
         Returns:
             (state, meta), or None when the workdir has no checkpoint.
+
+        Raises:
+            CheckpointError: the checkpoint was written by a different model (the
+                message lists the mismatched parameter shapes), or no step is readable.
         """
-        for step in sorted(self.latest.all_steps(), reverse=True):
+        steps = sorted(self.latest.all_steps(), reverse=True)
+        for step in steps:
+            try:
+                saved = self.latest.restore(
+                    step,
+                    args=ocp.args.Composite(
+                        model=ocp.args.StandardRestore(), train=ocp.args.StandardRestore()
+                    ),
+                )
+            except Exception as e:  # damaged files: fall back to the step before
+                logging.warning(
+                    "Checkpoint step %d in %s is unreadable (%s: %s); trying an older one",
+                    step, self.latest.directory, type(e).__name__, str(e)[:200],
+                )  # fmt: skip
+                self._set_aside(step)
+                continue
+            # Readable: from here on a failure means another config, not damage.
+            check_compatible(saved["model"], _model_tree(abstract_state), step)
             try:
                 restored = self.latest.restore(step, args=_restore_args(abstract_state))
-            except Exception as e:  # a damaged step: fall back to the one before
-                logging.warning("Checkpoint step %d unreadable (%s); trying an older one", step, e)
-                continue
+            except Exception as e:
+                raise CheckpointError(
+                    f"checkpoint step {step} in {self.latest.directory} does not fit this "
+                    f"config's optimizer state ({type(e).__name__}: {str(e)[:300]}). Use the "
+                    "optimizer settings it was trained with, or a new --workdir."
+                ) from e
             state = abstract_state.replace(
                 step=restored["train"]["step"],
                 params=restored["model"]["params"],
@@ -65,7 +95,25 @@ class Checkpointer:
                 opt_state=restored["train"]["opt_state"],
             )
             return state, restored["meta"]
+        if steps:
+            raise CheckpointError(
+                f"{self.latest.directory}: none of the checkpoints {steps} is readable; "
+                "move the folder away to start afresh"
+            )
         return None
+
+    def _set_aside(self, step: int):
+        """Renames a damaged step to `<step>.damaged` (kept for inspection, never deleted)
+        so that training can write that step again."""
+        if jax.process_index() == 0:
+            path = os.path.join(self.latest.directory, str(step))
+            target = f"{path}.damaged"
+            while os.path.exists(target):
+                target += "+"
+            os.rename(path, target)
+            logging.warning("Moved the damaged checkpoint to %s", target)
+        multihost_utils.sync_global_devices("resunet_jax damaged checkpoint set aside")
+        self.latest.reload()
 
     def wait(self):
         """Blocks until pending asynchronous saves are on disk."""
@@ -75,6 +123,37 @@ class Checkpointer:
     def close(self):
         self.latest.close()
         self.best.close()
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used; the message says which and why."""
+
+
+def check_compatible(saved: dict, expected: dict, step: int):
+    """Raises CheckpointError naming every parameter whose shape differs.
+
+    Args:
+        saved: the checkpoint's {"params", "batch_stats"} (arrays).
+        expected: the model's tree (arrays or ShapeDtypeStructs).
+        step: the checkpoint's step, for the message.
+    """
+    saved = traverse_util.flatten_dict(saved, sep="/")
+    expected = traverse_util.flatten_dict(expected, sep="/")
+    problems = [f"{k}: missing in the checkpoint" for k in sorted(expected.keys() - saved.keys())]
+    problems += [f"{k}: not in the model" for k in sorted(saved.keys() - expected.keys())]
+    problems += [
+        f"{k}: checkpoint {tuple(saved[k].shape)} vs model {tuple(expected[k].shape)}"
+        for k in sorted(saved.keys() & expected.keys())
+        if tuple(saved[k].shape) != tuple(expected[k].shape)
+    ]
+    if problems:
+        shown = "; ".join(problems[:8]) + (
+            f"; ... {len(problems) - 8} more" if len(problems) > 8 else ""
+        )
+        raise CheckpointError(
+            f"checkpoint step {step} was written by a different model config ({shown}). "
+            "Use the config it was trained with, or a new --workdir."
+        )
 
 
 def _model_tree(state):

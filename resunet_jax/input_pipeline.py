@@ -1,7 +1,8 @@
 """tf.data input pipelines over prepared LGG data (the only module besides data/ using TF).
 
-Train: patients → cache (resized uint8) → per-process shard → repeat → shuffle →
-augment → normalise → batch → `[local_devices, per_device_batch, H, W, C]`.
+Train: patients → cache (resized uint8) → repeat → shuffle (or tumour-weighted
+sampling) → per-process shard → augment → normalise → batch →
+`[local_devices, per_device_batch, H, W, C]`.
 Eval: every slice of the chosen patients once (TFDS order, not slice order: consumers
 group by patient id and slice index), cached after resizing, in batches the evaluator
 pads to the device count.
@@ -143,7 +144,6 @@ def create_train_dataset(
             f"{devices} local devices"
         )
     ds = _select_patients(builder.as_dataset(split=lgg.SPLIT, shuffle_files=False), patient_ids)
-    ds = ds.shard(jax.process_count(), jax.process_index())
     ds = ds.map(lambda ex: resize_example(ex, config.data.image_size), tf.data.AUTOTUNE)
     ds = ds.map(lambda ex: {"image": ex["image"], "mask": ex["mask"]})
     ds = ds.cache()
@@ -177,6 +177,11 @@ def create_train_dataset(
         )
     seeds = tf.data.Dataset.random(seed=seed).batch(2)
     ds = tf.data.Dataset.zip(ds, seeds)
+    # Every process walks the same seeded stream and keeps every P-th element, so the P
+    # per-process batches of a step together hold exactly the global batch a single
+    # process would draw: training is the same on 1 or many hosts. Augmentation runs
+    # after the shard, on this process's elements only.
+    ds = ds.shard(jax.process_count(), jax.process_index())
     ds = ds.map(lambda ex, s: augment(ex, s, config.augment), tf.data.AUTOTUNE)
     ds = ds.map(lambda ex: _as_model_input(ex, config.data.normalization), tf.data.AUTOTUNE)
     ds = ds.batch(per_process_batch, drop_remainder=True)

@@ -5,6 +5,8 @@ so they run where TF is absent (benchmarks on a GPU machine).
 """
 
 import functools
+import signal
+import threading
 import time
 from typing import Any
 
@@ -221,7 +223,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     restored = checkpointer.restore_latest(jax.eval_shape(lambda: state))
     if restored:
         state, meta = restored
-        meta = dict(meta)
+        meta = dict(meta, config=checkpointing.config_json(config))
         logging.info("Resuming from step %d", int(state.step))
     start_step = int(state.step)
 
@@ -241,9 +243,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     step_fn = pmapped_train_step(
         config.loss, config.detection_loss_weight if config.model.detection_head else 0.0
     )
-    lr_fn = create_learning_rate_fn(config)
     writer = tensorboard.SummaryWriter(f"{workdir}/tensorboard")
-    is_chief = jax.process_index() == 0
 
     logging.info(
         "Training %d -> %d steps, global batch %d over %d devices, %d train / %d val patients",
@@ -254,12 +254,39 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         len(source.train_ids),
         len(source.val_ids),
     )
+    # Pre-emption (SIGTERM): finish the step in flight, checkpoint it, exit cleanly.
+    preempted = threading.Event()
+    previous_handler = signal.signal(signal.SIGTERM, lambda *_: preempted.set())
+    try:
+        completed = _train_loop(
+            config, state, start_step, meta, step_fn, train_iter, evaluator, checkpointer,
+            writer, preempted,
+        )  # fmt: skip
+    finally:
+        signal.signal(signal.SIGTERM, previous_handler)
+        writer.flush()
+        checkpointer.wait()
+        checkpointer.close()
+    if not completed:
+        return None
+    return evaluate.evaluate_checkpoint(config, workdir, source=source)
+
+
+def _train_loop(
+    config, state, start_step, meta, step_fn, train_iter, evaluator, checkpointer, writer,
+    preempted,
+) -> bool:  # fmt: skip
+    """Runs steps start_step+1 .. num_train_steps; False if pre-empted (checkpoint saved)."""
+    global_batch = config.batch_size
+    lr_fn = create_learning_rate_fn(config)
+    is_chief = jax.process_index() == 0
     history, t_last, step_last = [], time.perf_counter(), start_step
     for step in range(start_step + 1, config.num_train_steps + 1):
         state, step_metrics = step_fn(state, next(train_iter))
         history.append(step_metrics)
         is_last = step == config.num_train_steps
-        is_checkpoint = step % config.checkpoint_every_steps == 0 or is_last
+        is_preempted = preempted.is_set()
+        is_checkpoint = step % config.checkpoint_every_steps == 0 or is_last or is_preempted
         # Metrics are checked before every save, so a checkpoint never holds NaNs.
         if step % config.log_every_steps == 0 or is_checkpoint:
             summary = _mean_metrics(history)
@@ -287,7 +314,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                     writer.scalar(f"train/{k}", v, step)
                 writer.scalar("train/images_per_s", images_per_s, step)
                 writer.scalar("train/learning_rate", float(lr_fn(step)), step)
-        if step % config.eval_every_steps == 0 or is_last:
+        if (step % config.eval_every_steps == 0 or is_last) and not is_preempted:
             val_metrics, _ = evaluator.run(state.params, state.batch_stats)
             logging.info(
                 "step %d validation: dice_per_volume_mean %.4f  dice_tumor_slices_mean %.4f",
@@ -309,7 +336,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 checkpointer.save(state, dict(meta, step=step, val_metrics=val_metrics), best=True)
         if is_checkpoint:
             checkpointer.save(state, dict(meta, step=step))
-    writer.flush()
-    checkpointer.wait()
-    checkpointer.close()
-    return evaluate.evaluate_checkpoint(config, workdir, source=source)
+        if is_preempted and not is_last:
+            logging.warning(
+                "SIGTERM: saved a checkpoint of step %d; run the same command to resume", step
+            )
+            return False
+    return True

@@ -92,6 +92,30 @@ def read_mask(path: str) -> np.ndarray:
     return (mask > 0).astype(np.uint8)
 
 
+def read_slice(s: Slice) -> tuple[np.ndarray, np.ndarray]:
+    """Reads and checks one slice: (image [H, W, 3] uint8, mask [H, W] uint8 in {0, 1})."""
+    image, mask = read_image(s.image_path), read_mask(s.mask_path)
+    if image.shape[:2] != mask.shape:
+        raise DataError(
+            f"{s.mask_path}: mask shape {mask.shape} does not match its image {image.shape[:2]}"
+        )
+    return image, mask
+
+
+def validate(slices: list[Slice]) -> list[str]:
+    """Reads every slice; returns one line per unusable file (empty: all usable).
+
+    Run before preparing so that every bad file is reported at once, before training.
+    """
+    problems = []
+    for s in slices:
+        try:
+            read_slice(s)
+        except DataError as e:
+            problems.append(str(e))
+    return problems
+
+
 def _read_tif(path: str) -> np.ndarray:
     try:
         return tifffile.imread(path)
@@ -175,12 +199,7 @@ class LggBuilder(tfds.core.GeneratorBasedBuilder):
 
     def _generate_examples(self, data_dir: str):
         for s in discover(data_dir):
-            image, mask = read_image(s.image_path), read_mask(s.mask_path)
-            if image.shape[:2] != mask.shape:
-                raise DataError(
-                    f"{s.mask_path}: mask shape {mask.shape} does not match its image "
-                    f"{image.shape[:2]}"
-                )
+            image, mask = read_slice(s)
             yield (
                 f"{s.patient_id}_{s.index}",
                 {
@@ -204,5 +223,12 @@ def prepare(data_dir: str, prepared_root: str, slices: list[Slice]) -> LggBuilde
         slices: `discover(data_dir)`.
     """
     builder = LggBuilder(data_dir=os.path.join(prepared_root, fingerprint(data_dir, slices)))
+    if not builder.is_prepared():
+        problems = validate(slices)
+        if problems:
+            raise DataError(
+                f"{data_dir}: {len(problems)} unusable file(s), nothing prepared:\n"
+                + "\n".join(problems)
+            )
     builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=data_dir))
     return builder

@@ -1,0 +1,245 @@
+"""Crashes, pre-emption, damaged checkpoints, numerical faults, bad data, determinism."""
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+import tifffile
+
+from configs import tiny
+from resunet_jax import checkpointing, train
+from resunet_jax.data import lgg, sources, synthetic
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _command(workdir, *flags):
+    return [
+        sys.executable,
+        "launch.py",
+        "--config=configs/tiny.py",
+        f"--workdir={workdir}",
+        f"--config.data.prepared_dir={workdir}/prepared",
+        *flags,
+    ]
+
+
+def _launch(workdir, *flags, expect_rc=0):
+    proc = subprocess.run(
+        _command(workdir, *flags), cwd=REPO, capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == expect_rc, proc.stderr[-3000:]
+    return proc.stderr
+
+
+def _steps(workdir):
+    folder = os.path.join(workdir, "checkpoints")
+    return (
+        sorted(int(n) for n in os.listdir(folder) if n.isdigit()) if os.path.isdir(folder) else []
+    )
+
+
+def _start_and_wait_for_a_checkpoint(workdir):
+    """Starts a long tiny run in the background; returns it once a checkpoint is on disk."""
+    flags = [
+        "--config.num_train_steps=100000",
+        "--config.checkpoint_every_steps=5",
+        "--config.eval_every_steps=100000",
+        "--config.log_every_steps=1",
+    ]
+    log_path = os.path.join(os.path.dirname(workdir), "log.txt")
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(_command(workdir, *flags), cwd=REPO, stderr=log, stdout=log)
+    deadline = time.time() + 300
+    while not _steps(workdir) and time.time() < deadline:
+        time.sleep(0.5)
+    assert _steps(workdir), "no checkpoint appeared"
+    return proc, log_path
+
+
+def _read(path):
+    with open(path) as f:
+        return f.read()
+
+
+def test_kill_9_loses_at_most_one_checkpoint_interval_and_resumes(tmp_path):
+    workdir = str(tmp_path / "run")
+    proc, log_path = _start_and_wait_for_a_checkpoint(workdir)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    last_logged = max(int(m) for m in re.findall(r"step (\d+)/100000", _read(log_path)))
+    log = _launch(workdir, "--config.num_train_steps=" + str(last_logged + 3))
+    resumed = int(re.search(r"Resuming from step (\d+)", log).group(1))
+    assert last_logged - resumed <= 5  # checkpoint_every_steps
+    assert _steps(workdir)[-1] == last_logged + 3
+
+
+def test_sigterm_saves_the_current_step_and_exits_0(tmp_path):
+    workdir = str(tmp_path / "run")
+    proc, log_path = _start_and_wait_for_a_checkpoint(workdir)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=120) == 0
+    saved = int(re.search(r"SIGTERM: saved a checkpoint of step (\d+)", _read(log_path)).group(1))
+    assert _steps(workdir)[-1] == saved
+    log = _launch(workdir, f"--config.num_train_steps={saved + 1}")
+    assert f"Resuming from step {saved}" in log
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A finished tiny run (checkpoints at steps 3 and 6), copied by tests that change it."""
+    workdir = str(tmp_path_factory.mktemp("trained") / "run")
+    _launch(workdir)
+    return workdir
+
+
+def _copy(trained, tmp_path):
+    workdir = str(tmp_path / "run")
+    shutil.copytree(trained, workdir)
+    return workdir
+
+
+def test_killed_save_and_damaged_latest_step_fall_back(trained, tmp_path):
+    workdir = _copy(trained, tmp_path)
+    leftover = os.path.join(workdir, "checkpoints", "9.orbax-checkpoint-tmp-1234")
+    shutil.copytree(os.path.join(workdir, "checkpoints", "6"), leftover)
+    for folder, _, files in os.walk(os.path.join(workdir, "checkpoints", "6", "model")):
+        for name in files:
+            with open(os.path.join(folder, name), "r+b") as f:
+                f.truncate(max(os.path.getsize(f.name) // 3, 1))
+    log = _launch(workdir, "--config.num_train_steps=8")
+    assert re.search(r"Checkpoint step 6 in \S+ is unreadable", log)
+    assert "Resuming from step 3" in log
+    assert 8 in _steps(workdir)
+
+
+def test_incompatible_checkpoint_names_the_mismatched_shapes(trained, tmp_path):
+    workdir = _copy(trained, tmp_path)
+    log = _launch(
+        workdir, "--config.model.bottleneck_features=8", "--config.num_train_steps=9", expect_rc=1
+    )
+    assert "different model config" in log
+    assert "bottleneck/bn_in/scale: checkpoint (16,) vs model (8,)" in log
+    log = _launch(workdir, "--config.optimizer.name=sgd", "--config.num_train_steps=9", expect_rc=1)
+    assert "does not fit this config's optimizer state" in log
+    assert "Traceback" not in log
+    assert _steps(workdir) == [3, 6]
+
+
+def test_non_finite_loss_stops_with_the_step_and_keeps_good_checkpoints(trained, tmp_path):
+    workdir = _copy(trained, tmp_path)
+    log = _launch(
+        workdir,
+        "--config.optimizer.learning_rate=1e30",
+        "--config.num_train_steps=30",
+        "--config.log_every_steps=1",
+        expect_rc=1,
+    )
+    assert re.search(r"non-finite training loss \S+ at step \d+", log)
+    assert "Traceback" not in log
+    for step in _steps(workdir):
+        variables, _ = checkpointing.restore_model(os.path.join(workdir, "checkpoints", str(step)))
+        assert all(np.isfinite(x).all() for x in jax.tree.leaves(variables))
+
+
+def _bad_dataset(root, fault):
+    synthetic.write_synthetic_dataset(root, num_patients=6, slices_per_patient=3, size=16)
+    p = os.path.join(root, "TCGA_SY_A002_20000101", "TCGA_SY_A002_20000101_2")
+    if fault == "truncated":
+        with open(p + ".tif", "r+b") as f:
+            f.truncate(100)
+    elif fault == "no_mask":
+        os.remove(p + "_mask.tif")
+    elif fault == "no_image":
+        os.remove(p + ".tif")
+    elif fault == "shape":
+        tifffile.imwrite(p + "_mask.tif", np.zeros((8, 8), np.uint8))
+    elif fault == "values":
+        tifffile.imwrite(p + "_mask.tif", np.full((16, 16), 7, np.uint8))
+    elif fault == "dtype":
+        tifffile.imwrite(p + ".tif", np.zeros((16, 16, 3), np.float32), photometric="rgb")
+    elif fault == "channels":
+        tifffile.imwrite(p + ".tif", np.zeros((16, 16), np.uint8))
+    return p
+
+
+@pytest.mark.parametrize(
+    "fault, message",
+    [
+        ("truncated", r"_2\.tif: unreadable TIFF"),
+        ("no_mask", r"_2\.tif: image has no mask"),
+        ("no_image", r"_2_mask\.tif: mask has no image"),
+        ("shape", r"_2_mask\.tif: mask shape \(8, 8\) does not match its image \(16, 16\)"),
+        ("values", r"_2_mask\.tif: mask values must be 0/255"),
+        ("dtype", r"_2\.tif: expected an H x W x 3 uint8 image, got shape \(16, 16, 3\) float32"),
+        ("channels", r"_2\.tif: expected an H x W x 3 uint8 image, got shape \(16, 16\)"),
+    ],
+)
+def test_bad_data_is_reported_before_training_naming_the_file(tmp_path, fault, message):
+    _bad_dataset(str(tmp_path / "data"), fault)
+    config = tiny.get_config()
+    config.data.dir = str(tmp_path / "data")
+    config.data.prepared_dir = str(tmp_path / "prepared")
+    with pytest.raises(lgg.DataError, match=message):
+        sources.open_source(config, str(tmp_path / "work"))
+    assert not os.path.exists(tmp_path / "work")
+
+
+def test_bad_data_through_launch_is_one_line_and_keeps_the_workdir(trained, tmp_path):
+    workdir = _copy(trained, tmp_path)
+    before = sorted(os.listdir(workdir))
+    for data_dir, message in (
+        (tmp_path / "missing", "missing: data folder does not exist"),
+        (tmp_path / "empty", "empty: no patient folders"),
+        (tmp_path / "few", "2 patients are too few for data.num_folds=3"),
+        (tmp_path / "bad", "1 unusable file"),
+    ):
+        if data_dir.name == "empty":
+            data_dir.mkdir()
+        elif data_dir.name == "few":
+            synthetic.write_synthetic_dataset(
+                data_dir, num_patients=2, slices_per_patient=2, size=16
+            )
+        elif data_dir.name == "bad":
+            _bad_dataset(str(data_dir), "values")
+        log = _launch(workdir, f"--config.data.dir={data_dir}", expect_rc=1)
+        errors = [line for line in log.splitlines() if line.startswith("E")]
+        assert message in errors[0] and "Traceback" not in log
+    assert sorted(os.listdir(workdir)) == before
+    assert _steps(workdir) == [3, 6]
+
+
+def test_same_seed_gives_bit_identical_parameters(tmp_path):
+    params = []
+    for name in ("a", "b"):
+        config = tiny.get_config()
+        config.data.prepared_dir = str(tmp_path / "prepared")
+        config.eval_every_steps = 1000
+        train.train_and_evaluate(config, str(tmp_path / name))
+        variables, _ = checkpointing.restore_model(str(tmp_path / name / "checkpoints"))
+        params.append(variables)
+    for a, b in zip(jax.tree.leaves(params[0]), jax.tree.leaves(params[1]), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_checkpoints_and_prepared_data_load_without_pickle(trained, tmp_path, monkeypatch):
+    import pickle
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("pickle used")
+
+    monkeypatch.setattr(pickle, "load", refuse)
+    monkeypatch.setattr(pickle, "loads", refuse)
+    variables, meta = checkpointing.restore_model(os.path.join(trained, "checkpoints"))
+    assert meta["step"] == 6 and jax.tree.leaves(variables)
+    config = tiny.get_config()
+    config.data.prepared_dir = os.path.join(trained, "prepared")
+    source = sources.open_source(config, trained)
+    assert len(list(source.builder.as_dataset(split=lgg.SPLIT).take(2))) == 2
