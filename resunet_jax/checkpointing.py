@@ -12,6 +12,7 @@ import json
 import os
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
@@ -41,10 +42,15 @@ class Checkpointer:
         self.best = _manager(os.path.join(workdir, BEST_DIR), max_to_keep=1)
 
     def save(self, state, meta: dict, best: bool = False):
-        """Saves a TrainState (asynchronously) with JSON metadata `meta`."""
+        """Saves a TrainState (asynchronously) with JSON metadata `meta`.
+
+        The state is saved as host numpy arrays: pmap returns it replicated on each
+        process's own devices, which orbax cannot write as one global array across
+        processes; numpy arrays count as replicated and process 0 writes them.
+        """
         manager = self.best if best else self.latest
-        step = int(state.step)
-        manager.save(step, args=_save_args(state, meta), force=True)
+        state = jax.device_get(state)
+        manager.save(int(state.step), args=_save_args(state, meta), force=True)
 
     def restore_latest(self, abstract_state):
         """Restores the newest readable training checkpoint.
@@ -169,6 +175,9 @@ def _save_args(state, meta):
 
 
 def _restore_args(abstract_state):
+    # numpy targets: restore to host arrays, which every process then broadcasts to its
+    # devices (the mirror image of `Checkpointer.save`).
+    abstract_state = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), abstract_state)
     return ocp.args.Composite(
         model=ocp.args.StandardRestore(_model_tree(abstract_state)),
         train=ocp.args.StandardRestore(

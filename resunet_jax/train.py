@@ -182,7 +182,7 @@ def pmapped_train_step(loss_name: str, detection_weight: float = 0.0):
     step = functools.partial(
         train_step, loss_fn=losses.get_loss(loss_name), detection_weight=detection_weight
     )
-    return parallel.pmap_step(step, donate_state=True)
+    return parallel.pmap_step(step)
 
 
 def pmapped_eval_step(model, flip_tta: bool = False):

@@ -85,6 +85,7 @@ def open_source(config: ml_collections.ConfigDict, workdir: str) -> Source:
             synthetic.write_synthetic_dataset(
                 data_dir, syn.num_patients, syn.slices_per_patient, syn.size, seed=syn.seed
             )
+        multihost_utils.sync_global_devices("resunet_jax synthetic data written")
     else:
         data_dir = os.path.abspath(os.path.expanduser(config.data.dir))
     if config.eval.split not in ("val", "all"):
