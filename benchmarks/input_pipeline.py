@@ -1,0 +1,68 @@
+"""Images per second out of the tf.data training pipeline (decode, augment, batch).
+
+  python benchmarks/input_pipeline.py --data_dir ../shared/data/lgg/kaggle_3m \
+      --image_size 256 --batch 64 --batches 100
+
+Prepares the data once (as training does), fills the cache with one pass, then times
+`--batches` batches of the augmented, normalised, device-shaped stream. Prints one JSON
+line with images/s overall and per CPU core.
+"""
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--data_dir", default="", help="kaggle_3m folder; empty: synthetic")
+    p.add_argument("--image_size", type=int, default=256)
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--batches", type=int, default=100)
+    args = p.parse_args()
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+    from configs import resunet
+    from resunet_jax import input_pipeline
+    from resunet_jax.data import sources
+
+    config = resunet.get_config()
+    config.data.dir = args.data_dir
+    config.data.image_size = args.image_size
+    with tempfile.TemporaryDirectory() as workdir:
+        source = sources.open_source(config, workdir)
+        ds = input_pipeline.create_train_dataset(
+            source.builder, source.train_ids, source.config, args.batch, seed=0
+        )
+        batches = input_pipeline.as_numpy(ds)
+        warmup = -(-len(source.train_ids) * 40 // args.batch)  # fills the cache
+        for _ in range(min(warmup, 60)):
+            next(batches)
+        start = time.perf_counter()
+        for _ in range(args.batches):
+            next(batches)
+        elapsed = time.perf_counter() - start
+    images_per_s = args.batches * args.batch / elapsed
+    print(
+        json.dumps(
+            {
+                "pipeline": "train (augment on)",
+                "data": args.data_dir or "synthetic",
+                "image_size": args.image_size,
+                "batch": args.batch,
+                "cores": os.cpu_count(),
+                "images_per_s": round(images_per_s, 1),
+                "images_per_s_per_core": round(images_per_s / os.cpu_count(), 1),
+            }
+        ),
+        flush=True,
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,106 @@
+"""Training and inference speed of the project's real train step and predict function.
+
+Prints one JSON line per image size, in the schema of shared/bench/torch_resunet.py, so
+the two can be compared side by side (run both in one session, alternating):
+
+  python benchmarks/speed.py --device cpu --batch 8 --sizes 128,256
+  python benchmarks/speed.py --device gpu --batch 64 --sizes 256 --dtype bfloat16
+
+Inputs are random, non-zero, in memory (no TensorFlow is imported, so this also runs
+where TF is absent). The step is the one training uses (pmap over all local devices,
+global-batch loss, Adam), with BCE loss and no detection head, like the torch script.
+Times are medians over `--steps` timed steps after warm-up (compilation excluded).
+"""
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _median_seconds(fn, state, batch, num_steps: int) -> float:
+    """Median wall time of `fn(state, batch)` over `num_steps` calls after 3 warm-ups.
+
+    A train step's output state feeds the next call, as in training.
+    """
+    import jax
+
+    times = []
+    for i in range(3 + num_steps):
+        start = time.perf_counter()
+        out = jax.block_until_ready(fn(state, batch))
+        if i >= 3:
+            times.append(time.perf_counter() - start)
+        state = out if hasattr(out, "params") else state
+    return float(np.median(times))
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--device", default="cpu", choices=["cpu", "gpu", "tpu"])
+    p.add_argument("--batch", type=int, default=8, help="global batch (split over devices)")
+    p.add_argument("--sizes", default="256")
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    args = p.parse_args()
+    os.environ.setdefault("JAX_PLATFORMS", args.device)
+
+    import jax
+
+    from configs import resunet
+    from resunet_jax import models, parallel, train
+
+    config = resunet.get_config()
+    config.model.dtype = args.dtype
+    config.model.detection_head = False
+    config.optimizer.grad_clip_norm = 0.0
+    config.optimizer.warmup_steps = 0
+    config.num_train_steps = 1000
+    model = models.create_model(config.model)
+    train_step = train.pmapped_train_step("bce")
+    predict_step = train.pmapped_predict_step(model)
+    rng = np.random.default_rng(0)
+    for size in [int(s) for s in args.sizes.split(",")]:
+        config.data.image_size = size
+        state = train.create_train_state(jax.random.key(0), config, model)
+        n_params = sum(x.size for x in jax.tree.leaves(state.params))
+        batch = parallel.shard_batch(
+            parallel.split_for_devices(
+                {
+                    "image": rng.uniform(0.05, 1, (args.batch, size, size, 3)).astype(np.float32),
+                    "mask": (rng.uniform(size=(args.batch, size, size, 1)) > 0.7).astype(np.uint8),
+                }
+            )
+        )
+        variables = {"params": state.params, "batch_stats": state.batch_stats}
+        steps = {
+            "train": lambda s, b: train_step(s, b)[0],
+            "infer": lambda _, b, v=variables: predict_step(v, {"image": b["image"]})[1],
+        }
+
+        result = {
+            "impl": "jax",
+            "version": jax.__version__,
+            "device": str(jax.devices()[0].platform),
+            "devices": jax.local_device_count(),
+            "threads": os.cpu_count(),
+            "params": int(n_params),
+            "size": size,
+            "batch": args.batch,
+            "amp_bf16": args.dtype == "bfloat16",
+            "compile": True,  # XLA always compiles
+        }
+        for name, fn in steps.items():
+            median = _median_seconds(fn, state, batch, args.steps)
+            result[f"{name}_ms_per_step"] = round(1000 * median, 2)
+            result[f"{name}_images_per_s"] = round(args.batch / median, 2)
+        print(json.dumps(result), flush=True)
+
+
+if __name__ == "__main__":
+    main()
