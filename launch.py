@@ -9,6 +9,7 @@ import sys
 
 import jax
 from absl import app, flags, logging
+from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
 from resunet_jax import checkpointing, evaluate, predict, train
@@ -70,6 +71,10 @@ def main(argv):
         logging.debug("Traceback", exc_info=True)
         logging.error("%s", e)
         sys.exit(1)
+    if config.distributed.enabled:
+        # Leave together: a process whose coordinator has already gone aborts.
+        multihost_utils.sync_global_devices("resunet_jax done")
+        jax.distributed.shutdown()
 
 
 if __name__ == "__main__":

@@ -192,22 +192,30 @@ def test_bad_data_is_reported_before_training_naming_the_file(tmp_path, fault, m
     assert not os.path.exists(tmp_path / "work")
 
 
+def test_empty_folder_and_too_few_patients_are_reported(tmp_path):
+    config = tiny.get_config()
+    config.data.prepared_dir = str(tmp_path / "prepared")
+    (tmp_path / "empty").mkdir()
+    synthetic.write_synthetic_dataset(
+        tmp_path / "few", num_patients=2, slices_per_patient=2, size=16
+    )
+    for name, message in (
+        ("empty", "empty: no patient folders"),
+        ("few", "2 patients are too few for data.num_folds=3"),
+    ):
+        config.data.dir = str(tmp_path / name)
+        with pytest.raises(lgg.DataError, match=message):
+            sources.open_source(config, str(tmp_path / "work"))
+
+
 def test_bad_data_through_launch_is_one_line_and_keeps_the_workdir(trained, tmp_path):
     workdir = _copy(trained, tmp_path)
     before = sorted(os.listdir(workdir))
     for data_dir, message in (
         (tmp_path / "missing", "missing: data folder does not exist"),
-        (tmp_path / "empty", "empty: no patient folders"),
-        (tmp_path / "few", "2 patients are too few for data.num_folds=3"),
         (tmp_path / "bad", "1 unusable file"),
     ):
-        if data_dir.name == "empty":
-            data_dir.mkdir()
-        elif data_dir.name == "few":
-            synthetic.write_synthetic_dataset(
-                data_dir, num_patients=2, slices_per_patient=2, size=16
-            )
-        elif data_dir.name == "bad":
+        if data_dir.name == "bad":
             _bad_dataset(str(data_dir), "values")
         log = _launch(workdir, f"--config.data.dir={data_dir}", expect_rc=1)
         errors = [line for line in log.splitlines() if line.startswith("E")]
