@@ -84,8 +84,11 @@ class Checkpointer:
             except Exception as e:  # damaged files: fall back to the step before
                 logging.warning(
                     "Checkpoint step %d in %s is unreadable (%s: %s); trying an older one",
-                    step, self.latest.directory, type(e).__name__, str(e)[:200],
-                )  # fmt: skip
+                    step,
+                    self.latest.directory,
+                    type(e).__name__,
+                    str(e)[:200],
+                )
                 self._set_aside(step)
                 continue
             # Readable: from here on a failure means another config, not damage.

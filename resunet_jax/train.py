@@ -259,9 +259,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     previous_handler = signal.signal(signal.SIGTERM, lambda *_: preempted.set())
     try:
         completed = _train_loop(
-            config, state, start_step, meta, step_fn, train_iter, evaluator, checkpointer,
-            writer, preempted,
-        )  # fmt: skip
+            config,
+            state,
+            start_step,
+            meta,
+            step_fn,
+            train_iter,
+            evaluator,
+            checkpointer,
+            writer,
+            preempted,
+        )
     finally:
         signal.signal(signal.SIGTERM, previous_handler)
         writer.flush()
@@ -273,9 +281,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
 
 def _train_loop(
-    config, state, start_step, meta, step_fn, train_iter, evaluator, checkpointer, writer,
+    config,
+    state,
+    start_step,
+    meta,
+    step_fn,
+    train_iter,
+    evaluator,
+    checkpointer,
+    writer,
     preempted,
-) -> bool:  # fmt: skip
+) -> bool:
     """Runs steps start_step+1 .. num_train_steps; False if pre-empted (checkpoint saved)."""
     global_batch = config.batch_size
     lr_fn = create_learning_rate_fn(config)

@@ -34,8 +34,12 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
     prepared = f"--config.data.prepared_dir={tmp_path}/prepared"
     single = subprocess.run(
         [sys.executable, "launch.py", f"--workdir={tmp_path}/single", *FLAGS, prepared],
-        cwd=REPO, env=_env(4), capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
+        cwd=REPO,
+        env=_env(4),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert single.returncode == 0, single.stderr[-3000:]
     port = _free_port()
     procs = [
