@@ -128,11 +128,6 @@ class Checkpointer:
         multihost_utils.sync_global_devices("resunet_jax damaged checkpoint set aside")
         self.latest.reload()
 
-    def wait(self):
-        """Blocks until pending asynchronous saves are on disk."""
-        self.latest.wait_until_finished()
-        self.best.wait_until_finished()
-
     def close(self):
         self.latest.close()
         self.best.close()

@@ -59,7 +59,7 @@ def load_slice(path: str) -> np.ndarray:
     Raises:
         lgg.DataError: unreadable, not an image, or an unsupported shape.
     """
-    image = lgg._read_tif(path)
+    image = lgg.read_tif(path)
     if image.ndim == 3 and image.shape[0] in (1, 3) and image.shape[-1] not in (1, 3, 4):
         image = np.moveaxis(image, 0, -1)
     if image.ndim == 2:

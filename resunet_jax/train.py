@@ -273,7 +273,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     finally:
         signal.signal(signal.SIGTERM, previous_handler)
         writer.flush()
-        checkpointer.wait()
         checkpointer.close()
     if not completed:
         return None

@@ -71,7 +71,7 @@ def discover(data_dir: str) -> list[Slice]:
 
 def read_image(path: str) -> np.ndarray:
     """Reads an MRI slice: [H, W, 3] uint8 (uncompressed or compressed TIFF)."""
-    image = _read_tif(path)
+    image = read_tif(path)
     if image.ndim != 3 or image.shape[-1] != 3 or image.dtype != np.uint8:
         raise DataError(
             f"{path}: expected an H x W x 3 uint8 image, got shape {image.shape} {image.dtype}"
@@ -81,7 +81,7 @@ def read_image(path: str) -> np.ndarray:
 
 def read_mask(path: str) -> np.ndarray:
     """Reads a tumour mask: [H, W] uint8 in {0, 1} (stored as 0/255 or 0/1)."""
-    mask = _read_tif(path)
+    mask = read_tif(path)
     if mask.ndim == 3 and mask.shape[-1] == 1:
         mask = mask[..., 0]
     if mask.ndim != 2:
@@ -116,7 +116,8 @@ def validate(slices: list[Slice]) -> list[str]:
     return problems
 
 
-def _read_tif(path: str) -> np.ndarray:
+def read_tif(path: str) -> np.ndarray:
+    """Reads any TIFF as an array; a damaged or non-TIFF file raises DataError naming it."""
     try:
         return tifffile.imread(path)
     except Exception as e:  # tifffile raises many types for damaged files
