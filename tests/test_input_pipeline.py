@@ -48,17 +48,54 @@ def test_eval_dataset_visits_each_slice_of_the_patients_once(tiny_data, tmp_path
 
 
 def test_augment_keeps_masks_binary_and_aligned_with_images():
-    image = np.zeros((32, 32, 3), np.uint8)
-    image[8:16, 4:12] = 200
+    image = np.zeros((5, 32, 32, 3), np.uint8)
+    image[:, 8:16, 4:12] = 200
     mask = (image[..., :1] > 0).astype(np.uint8)
-    aug = ml_collections.ConfigDict(dict(flip=True, rotate_degrees=30.0, scale=0.2, intensity=0.0))
-    for s in range(5):
-        out = input_pipeline.augment({"image": image, "mask": mask}, tf.constant([s, 1]), aug)
-        m, im = out["mask"].numpy(), out["image"].numpy()
-        assert set(np.unique(m)) <= {0, 1} and m.sum() > 20
+    aug = ml_collections.ConfigDict(dict(flip=True, rotate_degrees=30.0, scale=0.2, intensity=0.1))
+    params = [input_pipeline.augment_params(tf.constant([s, 1]), 32, aug) for s in range(5)]
+    params = {k: tf.stack([p[k] for p in params]) for k in params[0]}
+    out = input_pipeline.augment({"image": image, "mask": mask}, params, aug)
+    m, im = out["mask"].numpy(), 255 * out["image"].numpy()
+    assert im.dtype == np.float32 and m.shape == (5, 32, 32, 1)
+    flipped = 0
+    for i in range(5):
+        assert set(np.unique(m[i])) <= {0, 1} and m[i].sum() > 20
         # Bright pixels and mask pixels coincide up to the interpolated border.
-        agreement = np.mean((im[..., 0] > 100) == (m[..., 0] > 0))
+        agreement = np.mean((im[i, ..., 0] > 100) == (m[i, ..., 0] > 0))
         assert agreement > 0.97
+        flipped += m[i, :, 16:].sum() > m[i, :, :16].sum()  # the square sits left
+    assert 0 < flipped < 5  # some slices mirrored, some not
+
+
+def test_augment_without_geometry_only_scales_intensity():
+    image = np.full((2, 8, 8, 3), 100, np.uint8)
+    mask = np.ones((2, 8, 8, 1), np.uint8)
+    aug = ml_collections.ConfigDict(dict(flip=False, rotate_degrees=0.0, scale=0.0, intensity=0.5))
+    params = {"transform": tf.zeros([2, 8]), "gain": tf.constant([[1.0, 0.5, 3.0]] * 2)}
+    out = input_pipeline.augment({"image": image, "mask": mask}, params, aug)
+    np.testing.assert_allclose(out["image"].numpy()[0, 0, 0], [100 / 255, 50 / 255, 1.0])
+    np.testing.assert_array_equal(out["mask"].numpy(), mask)
+
+
+def test_warp_matches_tf_projective_transform():
+    rng = np.random.default_rng(0)
+    images = rng.uniform(0, 255, (3, 16, 16, 2)).astype(np.float32)
+    aug = ml_collections.ConfigDict(dict(flip=True, rotate_degrees=20.0, scale=0.2, intensity=0.0))
+    transforms = tf.stack(
+        [input_pipeline.augment_params(tf.constant([s, 0]), 16, aug)["transform"] for s in range(3)]
+    )
+    ours = input_pipeline.warp_bilinear(tf.constant(images), transforms).numpy()
+    reference = tf.raw_ops.ImageProjectiveTransformV3(
+        images=images,
+        transforms=transforms,
+        output_shape=[16, 16],
+        fill_value=0.0,
+        interpolation="BILINEAR",
+        fill_mode="CONSTANT",
+    ).numpy()
+    # Identical inside; TF zeroes a sample whose position falls outside the image,
+    # ours blends with the zero border, so only the outermost ring may differ.
+    np.testing.assert_allclose(ours[:, 1:-1, 1:-1], reference[:, 1:-1, 1:-1], atol=1e-3)
 
 
 def test_resize_maps_masks_to_binary():
