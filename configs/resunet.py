@@ -104,10 +104,12 @@ def get_config() -> ml_collections.ConfigDict:
 
     # Defaults by data source for the fields left None above.
     config.defaults = ml_collections.ConfigDict()
+    # The shipped weights' recipe: 5000 steps x 16 slices at 128 px (~85 min on 2 CPU
+    # cores); validation every 250 steps picks the best checkpoint.
     config.defaults.lgg = {
         "data": {"image_size": 128},
-        "num_train_steps": 3000,
-        "eval_every_steps": 500,
+        "num_train_steps": 5000,
+        "eval_every_steps": 250,
     }
     config.defaults.synthetic = {
         "data": {"image_size": 64},
