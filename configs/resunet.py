@@ -104,7 +104,7 @@ def get_config() -> ml_collections.ConfigDict:
 
     # Defaults by data source for the fields left None above.
     config.defaults = ml_collections.ConfigDict()
-    # The shipped weights' recipe: 5000 steps x 16 slices at 128 px (~85 min on 2 CPU
+    # The shipped weights' recipe: 5000 steps x 16 slices at 128 px (~100 min on 2 CPU
     # cores); validation every 250 steps picks the best checkpoint.
     config.defaults.lgg = {
         "data": {"image_size": 128},

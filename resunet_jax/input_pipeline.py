@@ -93,7 +93,7 @@ def augment_params(seed, image_size: int, config):
     c = (image_size - 1) / 2.0
     transform = tf.stack([a0, a1, c - (a0 + a1) * c, b0, b1, c - (b0 + b1) * c, 0.0, 0.0])
     gain = tf.random.stateless_uniform([3], seeds[3], 1.0 - i, 1.0 + i)
-    return {"transform": tf.cast(transform, tf.float32), "gain": gain}
+    return {"transform": transform, "gain": gain}
 
 
 def warp_bilinear(images, transforms):
@@ -155,7 +155,7 @@ def augment(batch, params, config, normalization: str = "scale"):
     Args:
         batch: {"image": [B, S, S, 3] uint8, "mask": [B, S, S, 1] uint8 in {0, 1}}.
         params: {"transform": [B, 8], "gain": [B, 3]} float32.
-        config: `config.augment`.
+        config: `config.augment` (geometry off: the warp is skipped).
         normalization: `data.normalization` (see `normalize`).
 
     Returns:
@@ -164,8 +164,8 @@ def augment(batch, params, config, normalization: str = "scale"):
     slices = tf.cast(tf.concat([batch["image"], batch["mask"]], axis=-1), tf.float32)
     if config.flip or config.rotate_degrees or config.scale:
         slices = _warp_xla(slices, params["transform"])
-    gain = params["gain"] if config.intensity else tf.ones_like(params["gain"])
-    return _finish_xla(slices, gain, normalization)
+    # With intensity 0 the drawn gains are exactly 1 (see augment_params).
+    return _finish_xla(slices, params["gain"], normalization)
 
 
 def create_train_dataset(
