@@ -71,6 +71,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.optimizer.schedule = "cosine"  # cosine | constant, after linear warm-up
     config.optimizer.warmup_steps = 50
     config.optimizer.grad_clip_norm = 1.0  # 0 = off
+    # Validation, checkpoints and exports use an exponential moving average of the
+    # weights (and BatchNorm statistics); 0 = the raw weights. See train.train_step.
+    config.ema_decay = 0.999
 
     config.batch_size = 16  # global: split over all processes and devices
     # None = defaults.lgg / defaults.synthetic.

@@ -1,8 +1,10 @@
 """Orbax checkpoints: the latest few for resuming, the best by validation Dice, exports.
 
 A checkpoint step holds up to three items:
-  model: {"params", "batch_stats"}      what evaluation and prediction need
-  train: {"opt_state", "step"}          optimizer state, only in training checkpoints
+  model: {"params", "batch_stats"}      what evaluation and prediction need (the
+                                        TrainState's moving average `ema`)
+  train: {"opt_state", "step",          the raw weights and optimizer state, only in
+          "params", "batch_stats"}      training checkpoints
   meta:  JSON {"step", "config", ...}   the run config (model, image size, normalisation)
 So an exported model (`pretrained/...`) is a checkpoint without `train`, and
 evaluation restores the model from the checkpoint's own config.
@@ -101,11 +103,13 @@ class Checkpointer:
                     f"config's optimizer state ({type(e).__name__}: {str(e)[:300]}). Use the "
                     "optimizer settings it was trained with, or a new --workdir."
                 ) from e
+            train = restored["train"]
             state = abstract_state.replace(
-                step=restored["train"]["step"],
-                params=restored["model"]["params"],
-                batch_stats=restored["model"]["batch_stats"],
-                opt_state=restored["train"]["opt_state"],
+                step=train["step"],
+                params=train["params"],
+                batch_stats=train["batch_stats"],
+                opt_state=train["opt_state"],
+                ema=restored["model"],
             )
             return state, restored["meta"]
         if steps:
@@ -165,13 +169,22 @@ def check_compatible(saved: dict, expected: dict, step: int):
 
 
 def _model_tree(state):
-    return {"params": state.params, "batch_stats": state.batch_stats}
+    return state.ema
+
+
+def _train_tree(state):
+    return {
+        "opt_state": state.opt_state,
+        "step": state.step,
+        "params": state.params,
+        "batch_stats": state.batch_stats,
+    }
 
 
 def _save_args(state, meta):
     return ocp.args.Composite(
         model=ocp.args.StandardSave(_model_tree(state)),
-        train=ocp.args.StandardSave({"opt_state": state.opt_state, "step": state.step}),
+        train=ocp.args.StandardSave(_train_tree(state)),
         meta=ocp.args.JsonSave(meta),
     )
 
@@ -182,9 +195,7 @@ def _restore_args(abstract_state):
     abstract_state = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), abstract_state)
     return ocp.args.Composite(
         model=ocp.args.StandardRestore(_model_tree(abstract_state)),
-        train=ocp.args.StandardRestore(
-            {"opt_state": abstract_state.opt_state, "step": abstract_state.step}
-        ),
+        train=ocp.args.StandardRestore(_train_tree(abstract_state)),
         meta=ocp.args.JsonRestore(),
     )
 

@@ -22,9 +22,18 @@ from resunet_jax import losses, metrics, models, parallel
 
 
 class TrainState(train_state.TrainState):
-    """Flax TrainState plus the BatchNorm running statistics."""
+    """Flax TrainState plus BatchNorm statistics and a moving average of the model.
+
+    Attributes:
+        batch_stats: BatchNorm running statistics of the trained `params`.
+        ema: exponential moving average of {"params", "batch_stats"} over the steps
+            (see `train_step`). Validation, the checkpoints' model item, eval and
+            predict use it: it is less noisy from one evaluation to the next than the
+            raw weights. With `ema_decay` 0 it equals the raw weights.
+    """
 
     batch_stats: Any
+    ema: Any
 
 
 def create_learning_rate_fn(config: ml_collections.ConfigDict) -> optax.Schedule:
@@ -68,6 +77,7 @@ def create_train_state(rng, config: ml_collections.ConfigDict, model) -> TrainSt
         apply_fn=model.apply,
         params=variables["params"],
         batch_stats=variables["batch_stats"],
+        ema={"params": variables["params"], "batch_stats": variables["batch_stats"]},
         tx=create_optimizer(config),
     )
 
@@ -78,6 +88,7 @@ def train_step(
     *,
     loss_fn,
     detection_weight: float = 0.0,
+    ema_decay: float = 0.0,
     axis_name=parallel.AXIS_NAME,
 ):
     """One optimizer step on this device's share of the global batch (run under pmap).
@@ -87,6 +98,9 @@ def train_step(
         batch: {"image": [b, S, S, 3] float32, "mask": [b, S, S, 1] {0, 1}}.
         loss_fn: a `losses` function taking (logits, masks, axis_name).
         detection_weight: weight of the detection head's slice-level BCE (0: no head).
+        ema_decay: decay of `state.ema`, capped early on at (1 + step) / (10 + step)
+            (as tf.train.ExponentialMovingAverage's num_updates) so that the average
+            forgets the random initialisation; 0 = the raw weights.
         axis_name: the pmap axis.
 
     Returns:
@@ -116,6 +130,11 @@ def train_step(
     # guards against float round-off differences between replicas.
     batch_stats = jax.lax.pmean(updates["batch_stats"], axis_name)
     new_state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
+    decay = jnp.minimum(ema_decay, (1.0 + state.step) / (10.0 + state.step))
+    ema = optax.incremental_update(
+        {"params": new_state.params, "batch_stats": batch_stats}, state.ema, 1.0 - decay
+    )
+    new_state = new_state.replace(ema=ema)
     counts = metrics.slice_counts(logits > 0, batch["mask"])
     totals = jax.lax.psum({k: jnp.sum(v) for k, v in counts.items()}, axis_name)
     dice = 2 * totals["intersection"] / jnp.maximum(totals["pred_area"] + totals["true_area"], 1)
@@ -178,9 +197,12 @@ def predict_step(variables, batch, *, model, flip_tta: bool = False):
 
 
 @functools.cache
-def pmapped_train_step(loss_name: str, detection_weight: float = 0.0):
+def pmapped_train_step(loss_name: str, detection_weight: float = 0.0, ema_decay: float = 0.0):
     step = functools.partial(
-        train_step, loss_fn=losses.get_loss(loss_name), detection_weight=detection_weight
+        train_step,
+        loss_fn=losses.get_loss(loss_name),
+        detection_weight=detection_weight,
+        ema_decay=ema_decay,
     )
     return parallel.pmap_step(step)
 
@@ -241,7 +263,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     train_iter = parallel.prefetch_to_device(input_pipeline.as_numpy(train_ds))
     evaluator = evaluate.Evaluator(source, config, source.val_ids)
     step_fn = pmapped_train_step(
-        config.loss, config.detection_loss_weight if config.model.detection_head else 0.0
+        config.loss,
+        config.detection_loss_weight if config.model.detection_head else 0.0,
+        config.ema_decay,
     )
     writer = tensorboard.SummaryWriter(f"{workdir}/tensorboard")
 
@@ -330,7 +354,8 @@ def _train_loop(
                 writer.scalar("train/images_per_s", images_per_s, step)
                 writer.scalar("train/learning_rate", float(lr_fn(step)), step)
         if (step % config.eval_every_steps == 0 or is_last) and not is_preempted:
-            val_metrics, _ = evaluator.run(state.params, state.batch_stats)
+            ema = state.ema
+            val_metrics, _ = evaluator.run(ema["params"], ema["batch_stats"])
             logging.info(
                 "step %d validation: dice_per_volume_mean %.4f  dice_tumor_slices_mean %.4f",
                 step,
@@ -342,7 +367,7 @@ def _train_loop(
                     if isinstance(v, float):
                         writer.scalar(f"val/{k}", v, step)
                 grid = evaluator.results_grid(
-                    state.params, state.batch_stats, val_metrics["detection_threshold"]
+                    ema["params"], ema["batch_stats"], val_metrics["detection_threshold"]
                 )
                 writer.image("val/results_grid", grid, step)
             dice = val_metrics["dice_per_volume_mean"] or 0.0
