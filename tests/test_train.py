@@ -8,7 +8,7 @@ import jax
 import numpy as np
 
 from configs import tiny
-from resunet_jax import losses, models, parallel, train
+from resunet_jax import checkpointing, losses, models, parallel, train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -71,6 +71,32 @@ def test_loss_falls_when_training_on_one_batch():
         state, m = step(state, batch)
         losses_seen.append(float(m["loss"][0]))
     assert losses_seen[-1] < 0.85 * losses_seen[0]
+
+
+def test_moving_average_of_the_weights_and_its_checkpoint(tmp_path):
+    state, batch = _state_and_batch()
+    batch = parallel.split_for_devices(batch)
+    init = jax.device_get(state.params)
+    one = jax.device_get(train.pmapped_train_step("dice_bce", 0.0, 0.9)(state, batch)[0])
+    # Step 0: the decay is capped at (1 + 0) / (10 + 0) = 0.1.
+    for e, p, p0 in zip(*map(jax.tree.leaves, (one.ema["params"], one.params, init)), strict=True):
+        np.testing.assert_allclose(e, 0.1 * p0 + 0.9 * p, rtol=1e-5, atol=1e-7)
+    assert not np.allclose(one.ema["params"]["head"]["kernel"], one.params["head"]["kernel"])
+    raw = jax.device_get(train.pmapped_train_step("dice_bce")(state, batch)[0])
+    expected = {"params": raw.params, "batch_stats": raw.batch_stats}
+    for e, p in zip(jax.tree.leaves(raw.ema), jax.tree.leaves(expected), strict=True):
+        np.testing.assert_array_equal(e, p)  # decay 0: the raw weights
+
+    # Training checkpoints keep both: the average as the model, the raw weights to resume.
+    saver = checkpointing.Checkpointer(str(tmp_path), keep=1)
+    saver.save(one, {"step": 1})
+    resumed, _ = saver.restore_latest(jax.eval_shape(lambda: state))
+    saver.close()
+    variables, _ = checkpointing.restore_model(str(tmp_path / "checkpoints"))
+    for a, b in zip(jax.tree.leaves(resumed), jax.tree.leaves(one), strict=True):
+        np.testing.assert_array_equal(a, b)
+    for a, b in zip(jax.tree.leaves(variables), jax.tree.leaves(one.ema), strict=True):
+        np.testing.assert_array_equal(a, b)
 
 
 def _launch(workdir, *flags):
