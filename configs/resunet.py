@@ -108,7 +108,8 @@ def get_config() -> ml_collections.ConfigDict:
     # Defaults by data source for the fields left None above.
     config.defaults = ml_collections.ConfigDict()
     # The shipped weights' recipe: 5000 steps x 16 slices at 128 px (~100 min on 2 CPU
-    # cores); validation every 250 steps picks the best checkpoint.
+    # cores); validation every 250 steps picks the best checkpoint. (They were trained
+    # with ema_decay=0, before the moving average became the default.)
     config.defaults.lgg = {
         "data": {"image_size": 128},
         "num_train_steps": 5000,
