@@ -38,6 +38,10 @@ def get_config() -> ml_collections.ConfigDict:
     config.data.prepared_dir = ""
     # Model input side; slices are resized to it. None = defaults.lgg / defaults.synthetic.
     config.data.image_size = config_dict.placeholder(int)
+    # Training crop side (None = whole slices): the net is fully convolutional, so it
+    # trains on random crop_size crops of image_size slices and predicts whole slices:
+    # image_size resolution at crop_size cost per training image.
+    config.data.crop_size = config_dict.placeholder(int)
     config.data.num_folds = 5  # patient-level k-fold split ...
     config.data.fold = 0  # ... and the fold used for validation
     config.data.split_seed = 0  # patient permutation of the split

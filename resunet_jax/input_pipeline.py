@@ -65,21 +65,24 @@ def normalize(image, method: str = "scale"):
     raise ValueError(f"unknown data.normalization {method!r}; use 'scale' or 'slice'")
 
 
-def augment_params(seed, image_size: int, config):
+def augment_params(seed, image_size: int, config, crop_size: int | None = None):
     """Draws one slice's augmentation: a pure function of `seed`.
 
-    Flip, rotation and scaling about the centre are one projective transform, so the
-    slice is resampled once (tf.raw_ops.ImageProjectiveTransformV3 convention: the 8
-    parameters map output to input coordinates).
+    Flip, rotation and scaling about the centre and the crop are one projective
+    transform, so the slice is resampled once (tf.raw_ops.ImageProjectiveTransformV3
+    convention: the 8 parameters map output to input coordinates).
 
     Args:
         seed: [2] int stateless seed.
         image_size: slice side S.
         config: `config.augment` (flip, rotate_degrees, scale, intensity).
+        crop_size: output side C <= S; the crop's centre is uniform over the positions
+            that keep it inside the slice. None = S (no crop).
 
     Returns:
         {"transform": [8] float32, "gain": [3] float32 per-channel intensity gain}.
     """
+    crop_size = crop_size or image_size
     seeds = tf.random.experimental.stateless_split(seed, 4)
     flip = 1.0
     if config.flip:
@@ -88,15 +91,20 @@ def augment_params(seed, image_size: int, config):
     angle = tf.random.stateless_uniform([], seeds[1], -r, r) * (math.pi / 180.0)
     zoom = tf.random.stateless_uniform([], seeds[2], 1.0 - s, 1.0 + s)
     cos, sin = tf.cos(angle) / zoom, tf.sin(angle) / zoom
-    # input = c + R(angle)/zoom @ diag(flip, 1) @ (output - c), c the centre.
+    # input = c + shift + R(angle)/zoom @ diag(flip, 1) @ (output - o), with c and o the
+    # centres of the slice and of the output.
     a0, a1, b0, b1 = cos * flip, -sin, sin * flip, cos
-    c = (image_size - 1) / 2.0
-    transform = tf.stack([a0, a1, c - (a0 + a1) * c, b0, b1, c - (b0 + b1) * c, 0.0, 0.0])
+    c, o = (image_size - 1) / 2.0, (crop_size - 1) / 2.0
+    margin = (image_size - crop_size) / 2.0
+    # A seed of its own keeps the other draws as they were before crops existed.
+    crop_seed = tf.random.experimental.stateless_fold_in(seed, 4)
+    dx, dy = tf.unstack(tf.random.stateless_uniform([2], crop_seed, -margin, margin))
+    transform = tf.stack([a0, a1, c + dx - (a0 + a1) * o, b0, b1, c + dy - (b0 + b1) * o, 0.0, 0.0])
     gain = tf.random.stateless_uniform([3], seeds[3], 1.0 - i, 1.0 + i)
     return {"transform": transform, "gain": gain}
 
 
-def warp_bilinear(images, transforms):
+def warp_bilinear(images, transforms, out_size: int | None = None):
     """Resamples each image at its projective transform, bilinearly, zeros outside.
 
     The convention of tf.raw_ops.ImageProjectiveTransformV3 (output (x, y) samples
@@ -106,12 +114,13 @@ def warp_bilinear(images, transforms):
     Args:
         images: [B, S, S, C] float32.
         transforms: [B, 8] float32 (the last two, projective, must be 0).
+        out_size: output side O; None = S.
 
     Returns:
-        [B, S, S, C] float32.
+        [B, O, O, C] float32.
     """
     size = images.shape[1]
-    grid = tf.range(size, dtype=tf.float32)
+    grid = tf.range(out_size or size, dtype=tf.float32)
     yy, xx = tf.meshgrid(grid, grid, indexing="ij")
     t = transforms[:, :, None, None]
     src_x = t[:, 0] * xx + t[:, 1] * yy + t[:, 2]
@@ -146,7 +155,7 @@ _warp_xla = tf.function(warp_bilinear, jit_compile=True)
 _finish_xla = tf.function(_finish, jit_compile=True)
 
 
-def augment(batch, params, config, normalization: str = "scale"):
+def augment(batch, params, config, normalization: str = "scale", crop_size: int | None = None):
     """Applies drawn augmentations (`augment_params`) to a batch and normalises it.
 
     Image and mask are resampled together, bilinearly (the mask thresholded at half),
@@ -157,13 +166,14 @@ def augment(batch, params, config, normalization: str = "scale"):
         params: {"transform": [B, 8], "gain": [B, 3]} float32.
         config: `config.augment` (geometry off: the warp is skipped).
         normalization: `data.normalization` (see `normalize`).
+        crop_size: output side C, as given to `augment_params`; None = S.
 
     Returns:
-        {"image": [B, S, S, 3] float32 model input, "mask": [B, S, S, 1] uint8}.
+        {"image": [B, C, C, 3] float32 model input, "mask": [B, C, C, 1] uint8}.
     """
     slices = tf.cast(tf.concat([batch["image"], batch["mask"]], axis=-1), tf.float32)
-    if config.flip or config.rotate_degrees or config.scale:
-        slices = _warp_xla(slices, params["transform"])
+    if config.flip or config.rotate_degrees or config.scale or crop_size:
+        slices = _warp_xla(slices, params["transform"], crop_size)
     # With intensity 0 the drawn gains are exactly 1 (see augment_params).
     return _finish_xla(slices, params["gain"], normalization)
 
@@ -184,8 +194,8 @@ def create_train_dataset(
         seed: shuffling and augmentation seed; the stream is a pure function of it.
 
     Returns:
-        Dataset of {"image": float32 [D, b, S, S, 3], "mask": uint8 [D, b, S, S, 1]},
-        D = local devices, b = per_process_batch / D.
+        Dataset of {"image": float32 [D, b, C, C, 3], "mask": uint8 [D, b, C, C, 1]},
+        D = local devices, b = per_process_batch / D, C = data.crop_size (else S).
     """
     devices = jax.local_device_count()
     if per_process_batch % devices:
@@ -232,15 +242,17 @@ def create_train_dataset(
     # process would draw: training is the same on 1 or many hosts. Augmentation runs
     # after the shard, on this process's elements only.
     ds = ds.shard(jax.process_count(), jax.process_index())
-    size, aug = config.data.image_size, config.augment
-    ds = ds.map(lambda ex, s: (ex, augment_params(s, size, aug)), tf.data.AUTOTUNE)
+    size, crop, aug = config.data.image_size, config.data.get("crop_size"), config.augment
+    if crop is not None and not 0 < crop <= size:
+        raise ValueError(f"data.crop_size must be in 1..data.image_size ({size}), got {crop}")
+    ds = ds.map(lambda ex, s: (ex, augment_params(s, size, aug, crop)), tf.data.AUTOTUNE)
     ds = ds.batch(per_process_batch, drop_remainder=True)
     # Whole batches are resampled and normalised at once: one kernel call per batch
     # instead of per slice is what lets two cores feed a GPU.
     per_device = per_process_batch // devices
 
     def finish(batch, params):
-        batch = augment(batch, params, aug, config.data.normalization)
+        batch = augment(batch, params, aug, config.data.normalization, crop)
         return tf.nest.map_structure(
             lambda x: tf.reshape(x, [devices, per_device, *x.shape[1:]]), batch
         )

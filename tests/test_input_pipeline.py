@@ -1,6 +1,7 @@
 import jax
 import ml_collections
 import numpy as np
+import pytest
 import tensorflow as tf
 
 from configs import tiny
@@ -105,3 +106,40 @@ def test_resize_maps_masks_to_binary():
     assert out["mask"].shape == (64, 64, 1)
     assert set(np.unique(out["mask"].numpy())) == {0, 1}
     assert out["mask"].numpy().sum() == 100  # 40x40 px at 1/4 scale
+
+
+def test_crops_are_windows_of_the_slice_inside_it():
+    # Pixel values encode their (x, y), so each crop shows where it was taken from.
+    yy, xx = np.mgrid[:32, :32]
+    image = np.stack([xx * 4, yy * 4, np.full_like(xx, 100)], -1).astype(np.uint8)[None]
+    mask = ((xx >= 16) & (yy >= 16)).astype(np.uint8)[None, ..., None]
+    aug = ml_collections.ConfigDict(dict(flip=False, rotate_degrees=0.0, scale=0.0, intensity=0.0))
+    for s in range(4):
+        params = input_pipeline.augment_params(tf.constant([s, 2]), 32, aug, crop_size=16)
+        params = {k: v[None] for k, v in params.items()}
+        out = input_pipeline.augment({"image": image, "mask": mask}, params, aug, crop_size=16)
+        im, m = 255 * out["image"].numpy()[0] / 4, out["mask"].numpy()[0, ..., 0]
+        assert im.shape == (16, 16, 3) and m.shape == (16, 16)
+        x0, y0 = im[0, 0, 0], im[0, 0, 1]
+        assert 0 <= x0 <= 16 and 0 <= y0 <= 16  # the window lies inside the slice
+        xs, ys = np.meshgrid(x0 + np.arange(16), y0 + np.arange(16))
+        np.testing.assert_allclose(im[..., 0], xs, atol=1e-3)
+        np.testing.assert_allclose(im[..., 1], ys, atol=1e-3)
+        # The mask is cut from the same window: the bilinear value of its step edge at
+        # x = y = 16, thresholded at half.
+        fx, fy = np.clip(xs - 15, 0, 1), np.clip(ys - 15, 0, 1)
+        np.testing.assert_array_equal(m, fx * fy >= 0.5)
+
+
+def test_train_crops_have_the_crop_size_and_a_bad_size_is_refused(tiny_data, tmp_path):
+    builder = _builder(tiny_data, tmp_path)
+    ids = lgg.patient_ids(lgg.discover(tiny_data))
+    config = _config()
+    config.data.crop_size = 16
+    batch = next(
+        input_pipeline.as_numpy(input_pipeline.create_train_dataset(builder, ids[:4], config, 8, 0))
+    )
+    assert batch["image"].shape[-3:] == (16, 16, 3) and batch["mask"].shape[-3:] == (16, 16, 1)
+    config.data.crop_size = 64
+    with pytest.raises(ValueError, match=r"data.crop_size must be in 1..data.image_size \(32\)"):
+        input_pipeline.create_train_dataset(builder, ids[:4], config, 8, 0)
