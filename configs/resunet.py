@@ -62,6 +62,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.augment.rotate_degrees = 10.0  # uniform in [-r, r]
     config.augment.scale = 0.1  # zoom uniform in [1-s, 1+s]
     config.augment.intensity = 0.1  # per-channel gain uniform in [1-i, 1+i]
+    config.augment.gamma = 0.0  # per-channel gamma: x -> x^γ, log γ uniform in [-g, g]
 
     config.loss = "dice_bce"  # focal_tversky (the seed's) | dice | bce | dice_bce
     config.detection_loss_weight = 0.5  # weight of the detection head's BCE

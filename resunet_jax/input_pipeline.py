@@ -75,12 +75,13 @@ def augment_params(seed, image_size: int, config, crop_size: int | None = None):
     Args:
         seed: [2] int stateless seed.
         image_size: slice side S.
-        config: `config.augment` (flip, rotate_degrees, scale, intensity).
+        config: `config.augment` (flip, rotate_degrees, scale, intensity, gamma).
         crop_size: output side C <= S; the crop's centre is uniform over the positions
             that keep it inside the slice. None = S (no crop).
 
     Returns:
-        {"transform": [8] float32, "gain": [3] float32 per-channel intensity gain}.
+        {"transform": [8] float32, "gain": [3] float32 per-channel intensity gain,
+        "gamma": [3] float32 per-channel gamma}.
     """
     crop_size = crop_size or image_size
     seeds = tf.random.experimental.stateless_split(seed, 4)
@@ -101,7 +102,11 @@ def augment_params(seed, image_size: int, config, crop_size: int | None = None):
     dx, dy = tf.unstack(tf.random.stateless_uniform([2], crop_seed, -margin, margin))
     transform = tf.stack([a0, a1, c + dx - (a0 + a1) * o, b0, b1, c + dy - (b0 + b1) * o, 0.0, 0.0])
     gain = tf.random.stateless_uniform([3], seeds[3], 1.0 - i, 1.0 + i)
-    return {"transform": transform, "gain": gain}
+    # log-uniform, so brightening and darkening are equally likely.
+    g = config.get("gamma", 0.0)
+    gamma_seed = tf.random.experimental.stateless_fold_in(seed, 5)
+    gamma = tf.exp(tf.random.stateless_uniform([3], gamma_seed, -g, g))
+    return {"transform": transform, "gain": gain, "gamma": gamma}
 
 
 def warp_bilinear(images, transforms, out_size: int | None = None):
@@ -140,9 +145,14 @@ def warp_bilinear(images, transforms, out_size: int | None = None):
     return top * (1 - wy) + bottom * wy
 
 
-def _finish(slices, gain, normalization: str):
-    """[B, S, S, 4] float (image channels, mask) → gained, normalised image; binary mask."""
+def _finish(slices, gain, normalization: str, gamma=None):
+    """[B, S, S, 4] float (image channels, mask) → gained (and gamma-corrected),
+    normalised image; binary mask."""
     image = tf.clip_by_value(slices[..., :3] * gain[:, None, None, :], 0.0, 255.0)
+    if gamma is not None:
+        # 255 (x/255)^γ keeps black and white and moves the mid-tones: contrast
+        # between tissues changes as it does between scanners and protocols.
+        image = 255.0 * tf.pow(image / 255.0, gamma[:, None, None, :])
     return {
         "image": normalize(image, normalization),
         "mask": tf.cast(slices[..., 3:] >= 0.5, tf.uint8),
@@ -163,7 +173,7 @@ def augment(batch, params, config, normalization: str = "scale", crop_size: int 
 
     Args:
         batch: {"image": [B, S, S, 3] uint8, "mask": [B, S, S, 1] uint8 in {0, 1}}.
-        params: {"transform": [B, 8], "gain": [B, 3]} float32.
+        params: {"transform": [B, 8], "gain": [B, 3], "gamma": [B, 3]} float32.
         config: `config.augment` (geometry off: the warp is skipped).
         normalization: `data.normalization` (see `normalize`).
         crop_size: output side C, as given to `augment_params`; None = S.
@@ -175,7 +185,8 @@ def augment(batch, params, config, normalization: str = "scale", crop_size: int 
     if config.flip or config.rotate_degrees or config.scale or crop_size:
         slices = _warp_xla(slices, params["transform"], crop_size)
     # With intensity 0 the drawn gains are exactly 1 (see augment_params).
-    return _finish_xla(slices, params["gain"], normalization)
+    gamma = params["gamma"] if config.get("gamma", 0.0) else None
+    return _finish_xla(slices, params["gain"], normalization, gamma)
 
 
 def create_train_dataset(

@@ -78,6 +78,29 @@ def test_augment_without_geometry_only_scales_intensity():
     np.testing.assert_array_equal(out["mask"].numpy(), mask)
 
 
+def test_gamma_moves_mid_tones_and_keeps_black_and_white():
+    image = np.zeros((1, 4, 4, 3), np.uint8)
+    image[0, 0], image[0, 1], image[0, 2] = 0, 255, 100
+    aug = ml_collections.ConfigDict(
+        dict(flip=False, rotate_degrees=0.0, scale=0.0, intensity=0.0, gamma=0.4)
+    )
+    drawn = [input_pipeline.augment_params(tf.constant([s, 3]), 4, aug)["gamma"] for s in range(50)]
+    drawn = np.stack(drawn)
+    assert np.exp(-0.4) <= drawn.min() < 0.8 and 1.25 < drawn.max() <= np.exp(0.4)
+    params = {"transform": tf.zeros([1, 8]), "gain": tf.ones([1, 3])}
+    params["gamma"] = tf.constant([[0.5, 1.0, 2.0]])
+    out = (
+        255
+        * input_pipeline.augment({"image": image, "mask": image[..., :1]}, params, aug)[
+            "image"
+        ].numpy()
+    )
+    np.testing.assert_allclose(out[0, 0, 0], [0, 0, 0], atol=1e-3)
+    np.testing.assert_allclose(out[0, 1, 0], [255, 255, 255], atol=1e-3)
+    expected = 255 * (100 / 255) ** np.array([0.5, 1.0, 2.0])
+    np.testing.assert_allclose(out[0, 2, 0], expected, rtol=1e-5)
+
+
 def test_warp_matches_tf_projective_transform():
     rng = np.random.default_rng(0)
     images = rng.uniform(0, 255, (3, 16, 16, 2)).astype(np.float32)
