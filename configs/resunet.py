@@ -26,10 +26,13 @@ def get_config() -> ml_collections.ConfigDict:
     config.model.features = (32, 64, 128)
     config.model.bottleneck_features = 256
     config.model.dtype = "float32"  # "bfloat16": bf16 compute, f32 parameters and loss
-    # Slice-level tumour classifier on the bottleneck, trained jointly; a slice whose
-    # tumour probability is under the threshold chosen on the validation patients gets
-    # an empty mask. False: "tumour" = the predicted mask is not empty.
-    config.model.detection_head = True
+    # True: a slice-level tumour classifier on the bottleneck, trained jointly; a slice
+    # whose tumour probability is under the threshold chosen on the validation patients
+    # gets an empty mask. False: a slice's tumour score is its highest pixel
+    # probability, so "tumour" = a confident predicted mask. On the LGG validation
+    # patients the mask rule detected better (0.95-0.96 vs 0.93-0.95 accuracy, five
+    # checkpoints trained with the head), so the recipe goes without the head.
+    config.model.detection_head = False
 
     config.data = ml_collections.ConfigDict()
     # A kaggle_3m-style folder; empty = synthetic phantom data generated under the workdir.
@@ -58,11 +61,14 @@ def get_config() -> ml_collections.ConfigDict:
     config.synthetic.seed = 0
 
     config.augment = ml_collections.ConfigDict()
+    # Strong augmentation against overfitting the 65 training patients: with ±10°, ±10%,
+    # ±10% gain and no gamma, validation Dice peaked at 0.77-0.81 and fell while training
+    # Dice rose to 0.92; with these it climbs to 0.83 and stays there (see the README).
     config.augment.flip = True  # left-right
-    config.augment.rotate_degrees = 10.0  # uniform in [-r, r]
-    config.augment.scale = 0.1  # zoom uniform in [1-s, 1+s]
-    config.augment.intensity = 0.1  # per-channel gain uniform in [1-i, 1+i]
-    config.augment.gamma = 0.0  # per-channel gamma: x -> x^γ, log γ uniform in [-g, g]
+    config.augment.rotate_degrees = 20.0  # uniform in [-r, r]
+    config.augment.scale = 0.2  # zoom uniform in [1-s, 1+s]
+    config.augment.intensity = 0.2  # per-channel gain uniform in [1-i, 1+i]
+    config.augment.gamma = 0.35  # per-channel gamma: x -> x^γ, log γ uniform in [-g, g]
 
     config.loss = "dice_bce"  # focal_tversky (the seed's) | dice | bce | dice_bce
     config.detection_loss_weight = 0.5  # weight of the detection head's BCE
@@ -112,12 +118,11 @@ def get_config() -> ml_collections.ConfigDict:
 
     # Defaults by data source for the fields left None above.
     config.defaults = ml_collections.ConfigDict()
-    # The shipped weights' recipe: 5000 steps x 16 slices at 128 px (~100 min on 2 CPU
-    # cores); validation every 250 steps picks the best checkpoint. (They were trained
-    # with ema_decay=0, before the moving average became the default.)
+    # The shipped weights' recipe: 3000 steps x 16 slices at 128 px (~60 min on 2 CPU
+    # cores); validation every 250 steps picks the best checkpoint.
     config.defaults.lgg = {
         "data": {"image_size": 128},
-        "num_train_steps": 5000,
+        "num_train_steps": 3000,
         "eval_every_steps": 250,
     }
     config.defaults.synthetic = {
