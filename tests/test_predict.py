@@ -93,3 +93,17 @@ def test_predict_errors_on_empty_or_missing_input(tmp_path, exported_model):
     config.predict.input = str(tmp_path / "bad")
     with pytest.raises(lgg.DataError, match="none of the 1"):
         predict.predict(config, str(tmp_path / "work"))
+
+
+def test_shipped_weights_restore_and_call_an_empty_slice_tumour_free(tmp_path):
+    shipped = os.path.join(os.path.dirname(__file__), "..", "pretrained", "resunet_lgg")
+    variables, meta = checkpointing.restore_model(shipped)
+    assert set(variables) == {"params", "batch_stats"}  # no optimizer state
+    assert meta["config"]["data"]["image_size"] == 128
+    os.makedirs(tmp_path / "in")
+    tifffile.imwrite(tmp_path / "in" / "blank_1.tif", np.zeros((256, 256, 3), np.uint8))
+    config = tiny.get_config()
+    config.checkpoint = shipped
+    config.predict.input = str(tmp_path / "in" / "blank_1.tif")
+    (row,) = predict.predict(config, str(tmp_path / "work"))
+    assert not row["error"] and row["tumor"] is False and row["predicted_area_pixels"] == 0
