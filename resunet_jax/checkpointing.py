@@ -95,6 +95,15 @@ class Checkpointer:
                 continue
             # Readable: from here on a failure means another config, not damage.
             check_compatible(saved["model"], _model_tree(abstract_state), step)
+            if "params" not in saved["train"]:
+                # Written before the weight moving average: `model` held the raw weights
+                # and `train` only the optimizer state, so the raw weights are gone.
+                raise CheckpointError(
+                    f"checkpoint step {step} in {self.latest.directory} predates the weight "
+                    "moving average (its `train` item has no raw weights), so training "
+                    "cannot resume from it. Evaluate or predict with it "
+                    "(--config.checkpoint=...), or train in a new --workdir."
+                )
             try:
                 restored = self.latest.restore(step, args=_restore_args(abstract_state))
             except Exception as e:
