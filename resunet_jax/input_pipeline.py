@@ -151,8 +151,10 @@ def _finish(slices, gain, normalization: str, gamma=None):
     image = tf.clip_by_value(slices[..., :3] * gain[:, None, None, :], 0.0, 255.0)
     if gamma is not None:
         # 255 (x/255)^γ keeps black and white and moves the mid-tones: contrast
-        # between tissues changes as it does between scanners and protocols.
-        image = 255.0 * tf.pow(image / 255.0, gamma[:, None, None, :])
+        # between tissues changes as it does between scanners and protocols. Written
+        # as exp(γ log x) because XLA's CPU pow is several times slower (the pipeline
+        # fell from ~950 to ~600 img/s); log 0 = -inf maps black to exactly 0.
+        image = 255.0 * tf.exp(gamma[:, None, None, :] * tf.math.log(image / 255.0))
     return {
         "image": normalize(image, normalization),
         "mask": tf.cast(slices[..., 3:] >= 0.5, tf.uint8),
