@@ -103,7 +103,7 @@ def augment_params(seed, image_size: int, config, crop_size: int | None = None):
     transform = tf.stack([a0, a1, c + dx - (a0 + a1) * o, b0, b1, c + dy - (b0 + b1) * o, 0.0, 0.0])
     gain = tf.random.stateless_uniform([3], seeds[3], 1.0 - i, 1.0 + i)
     # log-uniform, so brightening and darkening are equally likely.
-    g = config.get("gamma", 0.0)
+    g = config.gamma
     gamma_seed = tf.random.experimental.stateless_fold_in(seed, 5)
     gamma = tf.exp(tf.random.stateless_uniform([3], gamma_seed, -g, g))
     return {"transform": transform, "gain": gain, "gamma": gamma}
@@ -187,7 +187,7 @@ def augment(batch, params, config, normalization: str = "scale", crop_size: int 
     if config.flip or config.rotate_degrees or config.scale or crop_size:
         slices = _warp_xla(slices, params["transform"], crop_size)
     # With intensity 0 the drawn gains are exactly 1 (see augment_params).
-    gamma = params["gamma"] if config.get("gamma", 0.0) else None
+    gamma = params["gamma"] if config.gamma else None
     return _finish_xla(slices, params["gain"], normalization, gamma)
 
 
@@ -255,7 +255,7 @@ def create_train_dataset(
     # process would draw: training is the same on 1 or many hosts. Augmentation runs
     # after the shard, on this process's elements only.
     ds = ds.shard(jax.process_count(), jax.process_index())
-    size, crop, aug = config.data.image_size, config.data.get("crop_size"), config.augment
+    size, crop, aug = config.data.image_size, config.data.crop_size, config.augment
     if crop is not None and not 0 < crop <= size:
         raise ValueError(f"data.crop_size must be in 1..data.image_size ({size}), got {crop}")
     ds = ds.map(lambda ex, s: (ex, augment_params(s, size, aug, crop)), tf.data.AUTOTUNE)

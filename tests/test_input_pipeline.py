@@ -52,7 +52,9 @@ def test_augment_keeps_masks_binary_and_aligned_with_images():
     image = np.zeros((5, 32, 32, 3), np.uint8)
     image[:, 8:16, 4:12] = 200
     mask = (image[..., :1] > 0).astype(np.uint8)
-    aug = ml_collections.ConfigDict(dict(flip=True, rotate_degrees=30.0, scale=0.2, intensity=0.1))
+    aug = ml_collections.ConfigDict(
+        dict(flip=True, rotate_degrees=30.0, scale=0.2, intensity=0.1, gamma=0.0)
+    )
     params = [input_pipeline.augment_params(tf.constant([s, 1]), 32, aug) for s in range(5)]
     params = {k: tf.stack([p[k] for p in params]) for k in params[0]}
     out = input_pipeline.augment({"image": image, "mask": mask}, params, aug)
@@ -71,7 +73,9 @@ def test_augment_keeps_masks_binary_and_aligned_with_images():
 def test_augment_without_geometry_only_scales_intensity():
     image = np.full((2, 8, 8, 3), 100, np.uint8)
     mask = np.ones((2, 8, 8, 1), np.uint8)
-    aug = ml_collections.ConfigDict(dict(flip=False, rotate_degrees=0.0, scale=0.0, intensity=0.5))
+    aug = ml_collections.ConfigDict(
+        dict(flip=False, rotate_degrees=0.0, scale=0.0, intensity=0.5, gamma=0.0)
+    )
     params = {"transform": tf.zeros([2, 8]), "gain": tf.constant([[1.0, 0.5, 3.0]] * 2)}
     out = input_pipeline.augment({"image": image, "mask": mask}, params, aug)
     np.testing.assert_allclose(out["image"].numpy()[0, 0, 0], [100 / 255, 50 / 255, 1.0])
@@ -104,7 +108,9 @@ def test_gamma_moves_mid_tones_and_keeps_black_and_white():
 def test_warp_matches_tf_projective_transform():
     rng = np.random.default_rng(0)
     images = rng.uniform(0, 255, (3, 16, 16, 2)).astype(np.float32)
-    aug = ml_collections.ConfigDict(dict(flip=True, rotate_degrees=20.0, scale=0.2, intensity=0.0))
+    aug = ml_collections.ConfigDict(
+        dict(flip=True, rotate_degrees=20.0, scale=0.2, intensity=0.0, gamma=0.0)
+    )
     transforms = tf.stack(
         [input_pipeline.augment_params(tf.constant([s, 0]), 16, aug)["transform"] for s in range(3)]
     )
@@ -136,7 +142,9 @@ def test_crops_are_windows_of_the_slice_inside_it():
     yy, xx = np.mgrid[:32, :32]
     image = np.stack([xx * 4, yy * 4, np.full_like(xx, 100)], -1).astype(np.uint8)[None]
     mask = ((xx >= 16) & (yy >= 16)).astype(np.uint8)[None, ..., None]
-    aug = ml_collections.ConfigDict(dict(flip=False, rotate_degrees=0.0, scale=0.0, intensity=0.0))
+    aug = ml_collections.ConfigDict(
+        dict(flip=False, rotate_degrees=0.0, scale=0.0, intensity=0.0, gamma=0.0)
+    )
     for s in range(4):
         params = input_pipeline.augment_params(tf.constant([s, 2]), 32, aug, crop_size=16)
         params = {k: v[None] for k, v in params.items()}
