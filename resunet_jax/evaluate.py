@@ -1,4 +1,5 @@
-"""Evaluation over a split: per-slice counts on the devices, per-patient metrics on the host.
+"""Evaluation over a split: probabilities on the devices; masks at each slice's original
+size, overlap counts and per-patient metrics on the host.
 
 `evaluate_checkpoint` is what both `--mode=eval` and the end of training run, so the
 two write identical reports: `eval/metrics.json`, `eval/per_patient.csv` and a figure.
@@ -54,8 +55,7 @@ class Evaluator:
         devices = jax.local_device_count()
         self.batch_size = -(-config.eval.batch_size // devices) * devices
         model = models.create_model(config.model)
-        self.step = train.pmapped_eval_step(model, config.eval.flip_tta)
-        self.predict_step = train.pmapped_predict_step(model, config.eval.flip_tta)
+        self.step = train.pmapped_predict_step(model, config.eval.flip_tta)
         if config.eval.postprocess not in ("none", "largest_component"):
             raise ValueError(
                 f"eval.postprocess must be none or largest_component, got "
@@ -67,23 +67,40 @@ class Evaluator:
         )
 
     def predict(self, params, batch_stats) -> dict:
-        """Per-slice values of every slice: {"patient_id", "slice_index",
-        "intersection", "pred_area", "true_area", "tumor_prob"} [N] and
-        "pred_mask", "true_mask" [N, S, S] bool."""
+        """Per-slice values of every slice, judged at the slice's original size.
+
+        Returns:
+            {"patient_id", "slice_index", "tumor_prob", and "intersection", "pred_area",
+            "true_area" of the mask thresholded at probability 0.5 (before the detection
+            gate)} [N], and "pred_mask", "true_mask" [N, H, W] bool, H x W the largest
+            slice (smaller ones padded with False).
+        """
         variables = {"params": params, "batch_stats": batch_stats}
         columns = collections.defaultdict(list)
         for batch in input_pipeline.as_numpy(self.dataset):
-            padded, n = parallel.pad_batch(
-                {"image": batch["image"], "mask": batch["mask"]}, self.batch_size
+            padded, n = parallel.pad_batch({"image": batch["image"]}, self.batch_size)
+            _, out = jax.device_get(self.step(variables, parallel.split_for_devices(padded)))
+            probs = out["mask"].reshape(-1, *out["mask"].shape[2:])[:n]
+            pred = postprocess.masks_at_original_size(
+                probs, batch["orig_height"], batch["orig_width"]
             )
-            _, out = self.step(variables, parallel.split_for_devices(padded))
-            for k, v in jax.device_get(out).items():
-                columns[k].append(v.reshape(-1, *v.shape[2:])[:n])
-            columns["true_mask"].append(batch["mask"][..., 0] > 0)
+            true = batch["original_mask"][..., 0] > 0  # padded as `pred` is
+            for k, v in metrics.slice_counts(pred, true).items():
+                columns[k].append(np.asarray(v))
+            columns["tumor_prob"].append(out["tumor"].reshape(-1)[:n])
+            columns["pred_mask"].append(pred)
+            columns["true_mask"].append(true)
             columns["patient_id"].append(batch["patient_id"])
             columns["slice_index"].append(batch["slice_index"])
         if not columns:
             raise ValueError("evaluation split is empty")
+        # Batches of different slice sizes: pad every mask to the largest.
+        h = max(m.shape[1] for m in columns["pred_mask"])
+        w = max(m.shape[2] for m in columns["pred_mask"])
+        for k in ("pred_mask", "true_mask"):
+            columns[k] = [
+                np.pad(m, ((0, 0), (0, h - m.shape[1]), (0, w - m.shape[2]))) for m in columns[k]
+            ]
         return {k: np.concatenate(v) for k, v in columns.items()}
 
     def run(self, params, batch_stats, threshold: float | None = None) -> tuple[dict, dict]:
@@ -126,7 +143,7 @@ class Evaluator:
         rows, patients_shown = [], set()
         for batch in input_pipeline.as_numpy(self.dataset):
             padded, n = parallel.pad_batch({"image": batch["image"]}, self.batch_size)
-            _, out = self.predict_step(variables, parallel.split_for_devices(padded))
+            _, out = self.step(variables, parallel.split_for_devices(padded))
             probs = np.asarray(out["mask"]).reshape(-1, *out["mask"].shape[2:])[:n]
             tumor = np.asarray(out["tumor"]).reshape(-1)[:n] >= threshold
             for i in range(n):

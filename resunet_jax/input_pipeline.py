@@ -280,11 +280,16 @@ def create_eval_dataset(builder, patient_ids, config, batch_size: int) -> tf.dat
     Returns:
         Dataset of {"image": float32 [b, S, S, 3], "mask": uint8 [b, S, S, 1],
         "display": uint8 [b, S, S, 3] (the resized slice before normalisation),
-        "patient_id": string [b], "slice_index": int32 [b], "orig_height"/"orig_width"},
-        b <= batch_size (the last batch may be short).
+        "original_mask": uint8 [b, H, W, 1] (the mask as read; slices smaller than the
+        batch's largest are zero-padded right and below), "patient_id": string [b],
+        "slice_index": int32 [b], "orig_height"/"orig_width"}, b <= batch_size (the
+        last batch may be short).
     """
     ds = _select_patients(builder.as_dataset(split=lgg.SPLIT, shuffle_files=False), patient_ids)
-    ds = ds.map(lambda ex: resize_example(ex, config.data.image_size), tf.data.AUTOTUNE)
+    ds = ds.map(
+        lambda ex: resize_example(dict(ex, original_mask=ex["mask"]), config.data.image_size),
+        tf.data.AUTOTUNE,
+    )
     ds = ds.cache()
     ds = ds.map(
         lambda ex: dict(
@@ -292,7 +297,7 @@ def create_eval_dataset(builder, patient_ids, config, batch_size: int) -> tf.dat
         ),
         tf.data.AUTOTUNE,
     )
-    return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+    return ds.padded_batch(batch_size).prefetch(tf.data.AUTOTUNE)
 
 
 def as_numpy(ds: tf.data.Dataset):

@@ -1,7 +1,38 @@
-"""3D post-processing of a patient's predicted masks (Buda et al. 2019)."""
+"""From model outputs to masks: back to each slice's own size, 3D post-processing."""
 
 import numpy as np
 from scipy import ndimage
+
+
+def masks_at_original_size(prob_maps, heights, widths, threshold: float = 0.5):
+    """Resizes probability maps to their slices' original sizes and thresholds them.
+
+    The model sees slices resized to S x S; a prediction is judged (and written) at the
+    slice's own resolution, as published results on the LGG data are, so that small
+    lesions are scored against the radiologist's mask and not a resized copy of it.
+
+    Args:
+        prob_maps: [N, S, S] pixel tumour probabilities at the model's resolution.
+        heights: [N] original slice heights.
+        widths: [N] original slice widths.
+        threshold: probability at which a pixel is tumour.
+
+    Returns:
+        [N, max(heights), max(widths)] bool masks, bilinearly resized probabilities >=
+        `threshold`, each in its top-left h x w corner and False beyond it (so that
+        slices of different sizes stack).
+    """
+    import tensorflow as tf  # only here: the rest of the module is numpy/scipy
+
+    heights, widths = np.asarray(heights), np.asarray(widths)
+    out = np.zeros((len(heights), heights.max(), widths.max()), bool)
+    sizes = np.stack([heights, widths], axis=1)
+    # One resize call per distinct size (one per batch for the LGG data).
+    for h, w in np.unique(sizes, axis=0):
+        rows = np.flatnonzero((sizes == (h, w)).all(axis=1))
+        probs = tf.image.resize(np.asarray(prob_maps)[rows, ..., None], (h, w)).numpy()
+        out[rows, :h, :w] = probs[..., 0] >= threshold
+    return out
 
 
 def largest_component_3d(volume):

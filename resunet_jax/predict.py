@@ -17,7 +17,16 @@ import numpy as np
 import tifffile
 from absl import logging
 
-from resunet_jax import checkpointing, evaluate, input_pipeline, models, parallel, train, visualize
+from resunet_jax import (
+    checkpointing,
+    evaluate,
+    input_pipeline,
+    models,
+    parallel,
+    postprocess,
+    train,
+    visualize,
+)
 from resunet_jax.data import lgg
 
 CSV_FIELDS = ("file", "tumor_probability", "tumor", "predicted_area_pixels", "mask_file", "error")
@@ -90,10 +99,8 @@ def _write_prediction(path, image, prob_map, tumor_prob, threshold, base, out_di
         base: input root; outputs mirror the path below it.
         out_dir: output folder.
     """
-    import tensorflow as tf
-
-    full = tf.image.resize(prob_map[..., None], image.shape[:2]).numpy()[..., 0]
-    mask = (full >= 0.5) & (tumor_prob >= threshold)
+    (h, w), gate = image.shape[:2], tumor_prob >= threshold
+    mask = postprocess.masks_at_original_size(prob_map[None], [h], [w])[0] & gate
     rel = os.path.splitext(os.path.relpath(path, base))[0]
     mask_path = os.path.join(out_dir, f"{rel}_pred_mask.tif")
     os.makedirs(os.path.dirname(mask_path), exist_ok=True)

@@ -163,29 +163,6 @@ def infer(model, variables, images, flip_tta: bool = False):
     return mask, tumor
 
 
-def eval_step(variables, batch, *, model, flip_tta: bool = False):
-    """Predicts one eval batch (run under pmap) and reduces it to per-slice values.
-
-    Args:
-        variables: {"params", "batch_stats"}.
-        batch: {"image": [b, S, S, 3], "mask": [b, S, S, 1]}.
-        model: the ResUNet.
-        flip_tta: see `infer`.
-
-    Returns:
-        (None, dict of [b] arrays): `intersection`, `pred_area`, `true_area` of the
-        mask thresholded at probability 0.5 before the detection gate (applied on the
-        host, see metrics.gate), `tumor_prob`, and that mask `pred_mask` [b, S, S] bool
-        for 3D post-processing.
-    """
-    mask, tumor = infer(model, variables, batch["image"], flip_tta)
-    pred_mask = mask >= 0.5
-    counts = metrics.slice_counts(pred_mask, batch["mask"])
-    counts["tumor_prob"] = tumor
-    counts["pred_mask"] = pred_mask[..., 0]
-    return None, counts
-
-
 def predict_step(variables, batch, *, model, flip_tta: bool = False):
     """Pixel and slice tumour probabilities for one batch (run under pmap).
 
@@ -205,10 +182,6 @@ def pmapped_train_step(loss_name: str, detection_weight: float = 0.0, ema_decay:
         ema_decay=ema_decay,
     )
     return parallel.pmap_step(step)
-
-
-def pmapped_eval_step(model, flip_tta: bool = False):
-    return parallel.pmap_step(functools.partial(eval_step, model=model, flip_tta=flip_tta))
 
 
 def pmapped_predict_step(model, flip_tta: bool = False):

@@ -46,6 +46,7 @@ def test_eval_dataset_visits_each_slice_of_the_patients_once(tiny_data, tmp_path
     assert sorted(keys) == [(p, i) for p in ids[:2] for i in range(1, 7)]
     assert batches[0]["image"].shape[1:] == (64, 64, 3)
     assert batches[0]["orig_height"][0] == 32
+    assert batches[0]["original_mask"].shape[1:] == (32, 32, 1)  # as read, not resized
 
 
 def test_augment_keeps_masks_binary_and_aligned_with_images():

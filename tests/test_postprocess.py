@@ -32,3 +32,16 @@ def test_per_patient_uses_slice_order_not_input_order():
     out = postprocess.largest_component_per_patient(ids, index, masks)
     assert out[0, 0, 0] and out[1, 0, 0] and out[3, 0, 0] and not out[1, 3, 3]
     assert out[2, 1, 1]  # patients are processed separately
+
+
+def test_masks_at_original_size_resize_threshold_and_pad():
+    probs = np.zeros((2, 2, 2), np.float32)
+    probs[0, 0, 0] = 1.0  # top-left quarter of a 4 x 4 slice
+    probs[1] = 0.7  # all tumour, on a 3 x 5 slice
+    out = postprocess.masks_at_original_size(probs, [4, 3], [4, 5])
+    assert out.shape == (2, 4, 5) and out.dtype == bool
+    expected = np.zeros((2, 4, 5), bool)
+    expected[0, :2, :2] = True  # bilinear: 1, 0.75 and 0.5625 >= 0.5; the rest <= 0.25
+    expected[1, :3, :5] = True  # below and right of each slice: padding
+    np.testing.assert_array_equal(out, expected)
+    assert not postprocess.masks_at_original_size(probs, [4, 3], [4, 5], threshold=0.8)[1].any()
