@@ -88,19 +88,17 @@ def load_slice(path: str) -> np.ndarray:
     return image
 
 
-def _write_prediction(path, image, prob_map, tumor_prob, threshold, base, out_dir) -> dict:
+def _write_prediction(path, image, mask, tumor_prob, base, out_dir) -> dict:
     """Writes one slice's mask (and overlay if tumour); returns its CSV row.
 
     Args:
         path: the input file.
         image: [H, W, 3] uint8 slice as read.
-        prob_map: [S, S] tumour probabilities at the model's resolution.
-        tumor_prob: slice tumour probability; under `threshold` the mask is emptied.
+        mask: [H, W] bool predicted mask, after the detection gate.
+        tumor_prob: slice tumour probability.
         base: input root; outputs mirror the path below it.
         out_dir: output folder.
     """
-    (h, w), gate = image.shape[:2], tumor_prob >= threshold
-    mask = postprocess.masks_at_original_size(prob_map[None], [h], [w])[0] & gate
     rel = os.path.splitext(os.path.relpath(path, base))[0]
     mask_path = os.path.join(out_dir, f"{rel}_pred_mask.tif")
     os.makedirs(os.path.dirname(mask_path), exist_ok=True)
@@ -155,13 +153,13 @@ def predict(config, workdir: str) -> list[dict]:
         _, out = step(variables, parallel.split_for_devices(padded))
         prob_maps = np.asarray(out["mask"]).reshape(-1, *out["mask"].shape[2:])[:n]
         tumor_probs = np.asarray(out["tumor"]).reshape(-1)[:n]
-        for (path, image, _), prob_map, tumor_prob in zip(
-            chunk, prob_maps, tumor_probs, strict=True
-        ):
+        heights, widths = zip(*(c[1].shape[:2] for c in chunk), strict=True)
+        masks = postprocess.masks_at_original_size(prob_maps, heights, widths)
+        masks &= (tumor_probs >= threshold)[:, None, None]  # slices called tumour-free: empty
+        for (path, image, _), mask, tumor_prob in zip(chunk, masks, tumor_probs, strict=True):
+            h, w = image.shape[:2]
             rows.append(
-                _write_prediction(
-                    path, image, prob_map, float(tumor_prob), threshold, base, out_dir
-                )
+                _write_prediction(path, image, mask[:h, :w], float(tumor_prob), base, out_dir)
             )
     csv_path = os.path.join(out_dir, "predictions.csv")
     with open(csv_path + ".tmp", "w", newline="") as f:
