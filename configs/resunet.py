@@ -108,6 +108,10 @@ def get_config() -> ml_collections.ConfigDict:
 
     # Checkpoint to evaluate / predict with ("" = the workdir's best, else latest).
     config.checkpoint = ""
+    # Fine-tuning: a new run starts from these weights (a workdir or an exported model
+    # such as pretrained/resunet_lgg; same model config) with a fresh optimizer and
+    # schedule. Ignored when the workdir already has a checkpoint to resume.
+    config.init_checkpoint = ""
 
     # Multi-host: call jax.distributed.initialize (auto-detects SLURM, TPU pods, ...).
     config.distributed = ml_collections.ConfigDict()

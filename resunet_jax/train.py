@@ -18,7 +18,7 @@ import optax
 from absl import logging
 from flax.training import train_state
 
-from resunet_jax import losses, metrics, models, parallel
+from resunet_jax import checkpointing, losses, metrics, models, parallel
 
 
 class TrainState(train_state.TrainState):
@@ -79,6 +79,30 @@ def create_train_state(rng, config: ml_collections.ConfigDict, model) -> TrainSt
         batch_stats=variables["batch_stats"],
         ema={"params": variables["params"], "batch_stats": variables["batch_stats"]},
         tx=create_optimizer(config),
+    )
+
+
+def init_from_checkpoint(state: TrainState, path: str) -> TrainState:
+    """Starts training from a checkpoint's weights (fine-tuning), with a fresh optimizer.
+
+    Args:
+        state: a new TrainState (step 0), whose shapes the checkpoint must match.
+        path: a workdir, checkpoint directory or exported model (`restore_model`).
+
+    Returns:
+        `state` with the checkpoint's parameters and BatchNorm statistics as both the
+        raw weights and their moving average; step and optimizer state unchanged.
+
+    Raises:
+        checkpointing.CheckpointError: the checkpoint is of a different model config.
+    """
+    variables, meta = checkpointing.restore_model(path)
+    expected = {"params": state.params, "batch_stats": state.batch_stats}
+    checkpointing.check_compatible(variables, expected, int(meta["step"]))
+    variables = jax.tree.map(jnp.asarray, variables)
+    logging.info("Fine-tuning from %s (step %d)", path, int(meta["step"]))
+    return state.replace(
+        params=variables["params"], batch_stats=variables["batch_stats"], ema=variables
     )
 
 
@@ -205,7 +229,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     # TF-dependent modules are imported here so the step functions above stay TF-free.
     from flax.metrics import tensorboard
 
-    from resunet_jax import checkpointing, evaluate, input_pipeline
+    from resunet_jax import evaluate, input_pipeline
     from resunet_jax.data import sources
 
     source = sources.open_source(config, workdir)
@@ -220,6 +244,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         state, meta = restored
         meta = dict(meta, config=checkpointing.config_json(config))
         logging.info("Resuming from step %d", int(state.step))
+    elif config.init_checkpoint:
+        state = init_from_checkpoint(state, config.init_checkpoint)
     start_step = int(state.step)
 
     global_batch = config.batch_size

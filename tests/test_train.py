@@ -123,6 +123,38 @@ def test_resuming_a_checkpoint_from_before_the_moving_average_says_so(tmp_path):
     assert set(variables) == {"params", "batch_stats"}  # still usable for eval and predict
 
 
+def test_fine_tuning_starts_from_the_exported_weights_with_a_fresh_optimizer(tmp_path):
+    trained, batch = _state_and_batch()
+    trained = jax.device_get(
+        train.pmapped_train_step("dice_bce", 0.0, 0.5)(trained, parallel.split_for_devices(batch))[
+            0
+        ]
+    )
+    checkpointing.export_model(str(tmp_path / "model"), trained.ema, {"step": 1})
+    config = tiny.get_config()
+    config.data.image_size = 32  # fully convolutional: another input size is fine
+    model = models.create_model(config.model)
+    fresh = train.create_train_state(jax.random.key(1), config, model)
+
+    tuned = train.init_from_checkpoint(fresh, str(tmp_path / "model"))
+    for a, b in zip(
+        jax.tree.leaves(tuned.params), jax.tree.leaves(trained.ema["params"]), strict=True
+    ):
+        np.testing.assert_array_equal(a, b)
+    for a, b in zip(jax.tree.leaves(tuned.ema), jax.tree.leaves(trained.ema), strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert int(tuned.step) == 0
+    for a, b in zip(
+        jax.tree.leaves(tuned.opt_state), jax.tree.leaves(fresh.opt_state), strict=True
+    ):
+        np.testing.assert_array_equal(a, b)  # Adam moments start at zero
+
+    config.model.bottleneck_features = 32  # another architecture: one error naming the shapes
+    other = train.create_train_state(jax.random.key(1), config, models.create_model(config.model))
+    with pytest.raises(checkpointing.CheckpointError, match="different model config"):
+        train.init_from_checkpoint(other, str(tmp_path / "model"))
+
+
 def _launch(workdir, *flags):
     cmd = [
         sys.executable,
