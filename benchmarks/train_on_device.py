@@ -12,8 +12,8 @@ wall-time budget, so a run of any speed ends its schedule on time.
 
 Two commands:
 
-  # Where TF is installed: pack kaggle_3m losslessly into 5 files of ~48 MiB, with the
-  # patient-level folds of configs/resunet.py.
+  # Where TF is installed: pack kaggle_3m losslessly (227 MiB, a file per patient),
+  # with the patient-level folds of configs/resunet.py.
   python benchmarks/train_on_device.py pack --data_dir=PATH/kaggle_3m --out_dir=PACK
 
   # On the accelerator: train one fold for a wall-time budget, validating as it goes;
@@ -41,7 +41,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def _pack_part(out: str, slices, fold_of: dict):
+def _pack_patient(out: str, slices, fold_of: dict):
     from resunet_jax.data import lgg
 
     images, masks = zip(*(lgg.read_slice(s) for s in slices), strict=True)
@@ -58,13 +58,13 @@ def _pack_part(out: str, slices, fold_of: dict):
     )
 
 
-def pack(data_dir: str, out_dir: str, parts: int):
-    """Reads every slice of `data_dir` into `parts` compressed files of whole patients.
+def pack(data_dir: str, out_dir: str):
+    """Reads every slice of `data_dir` into one compressed file per patient.
 
     Images are delta-coded along rows and LZMA-compressed (lossless; ~80 KB a slice,
-    MRI noise leaves little more to gain), masks bit-packed. Parts keep each transfer
-    to a machine under its size limit. Each slice carries its patient's validation
-    fold under the config's `data.num_folds` / `data.split_seed`.
+    MRI noise leaves little more to gain), masks bit-packed. A file per patient lets
+    transfers to a machine be grouped under any size limit. Each slice carries its
+    patient's validation fold under the config's `data.num_folds` / `data.split_seed`.
     """
     import concurrent.futures
 
@@ -79,16 +79,15 @@ def pack(data_dir: str, out_dir: str, parts: int):
         for pid in lgg.split_patients(ids, data.num_folds, k, data.split_seed)[1]:
             fold_of[pid] = k
     os.makedirs(out_dir, exist_ok=True)
-    groups = np.array_split(np.array(ids), parts)
     with concurrent.futures.ProcessPoolExecutor() as pool:
         jobs = [
             pool.submit(
-                _pack_part,
-                os.path.join(out_dir, f"part{i}.npz"),
-                [s for s in slices if s.patient_id in set(group.tolist())],
+                _pack_patient,
+                os.path.join(out_dir, f"{pid}.npz"),
+                [s for s in slices if s.patient_id == pid],
                 fold_of,
             )
-            for i, group in enumerate(groups)
+            for pid in ids
         ]
         for job in jobs:
             job.result()
@@ -357,7 +356,6 @@ def main():
     a = sub.add_parser("pack")
     a.add_argument("--data_dir", required=True)
     a.add_argument("--out_dir", required=True)
-    a.add_argument("--parts", type=int, default=5)
     a = sub.add_parser("train")
     a.add_argument("--pack", required=True, help="folder of pack's .npz files")
     a.add_argument("--fold", type=int, default=0)
@@ -374,7 +372,7 @@ def main():
     a.add_argument("--out", required=True)
     args = p.parse_args()
     {
-        "pack": lambda: pack(args.data_dir, args.out_dir, args.parts),
+        "pack": lambda: pack(args.data_dir, args.out_dir),
         "train": lambda: train(args),
         "export": lambda: export(args),
     }[args.command]()
