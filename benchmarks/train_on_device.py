@@ -24,12 +24,14 @@ Two commands:
 The weights file becomes a checkpoint that `--mode=eval` and `--mode=predict` restore
 with `export` (where TF is installed, to evaluate with the project's own evaluation):
 
-  python benchmarks/train_on_device.py export --weights=fold0.npz --out=DIR
+  python benchmarks/train_on_device.py export --weights=fold0.npz \\
+      --data_dir=PATH/kaggle_3m --out=DIR
 """
 
 import argparse
 import functools
 import glob
+import importlib
 import json
 import lzma
 import os
@@ -58,7 +60,12 @@ def _pack_patient(out: str, slices, fold_of: dict):
     )
 
 
-def pack(data_dir: str, out_dir: str):
+def _config(name: str):
+    """`get_config()` of configs/<name>.py."""
+    return importlib.import_module(f"configs.{name}").get_config()
+
+
+def pack(data_dir: str, out_dir: str, config_name: str = "resunet"):
     """Reads every slice of `data_dir` into one compressed file per patient.
 
     Images are delta-coded along rows and LZMA-compressed (lossless; ~80 KB a slice,
@@ -68,10 +75,9 @@ def pack(data_dir: str, out_dir: str):
     """
     import concurrent.futures
 
-    from configs import resunet
     from resunet_jax.data import lgg
 
-    data = resunet.get_config().data
+    data = _config(config_name).data
     slices = lgg.discover(data_dir)
     ids = lgg.patient_ids(slices)
     fold_of = {}
@@ -79,7 +85,8 @@ def pack(data_dir: str, out_dir: str):
         for pid in lgg.split_patients(ids, data.num_folds, k, data.split_seed)[1]:
             fold_of[pid] = k
     os.makedirs(out_dir, exist_ok=True)
-    with concurrent.futures.ProcessPoolExecutor() as pool:
+    # Threads: LZMA and TIFF decoding release the GIL (and forking a JAX process is unsafe).
+    with concurrent.futures.ThreadPoolExecutor(os.cpu_count()) as pool:
         jobs = [
             pool.submit(
                 _pack_patient,
@@ -180,12 +187,12 @@ def train(args):
     import jax.numpy as jnp
     import optax
 
-    from configs import resunet
     from resunet_jax import losses, metrics, models
     from resunet_jax import train as train_lib
 
-    config = resunet.get_config()
-    config.data.image_size = 256
+    data = unpack(sorted(glob.glob(os.path.join(args.pack, "*.npz"))))
+    config = _config(args.config)
+    config.data.image_size = data["images"].shape[1]
     config.data.fold = args.fold
     config.model.dtype = args.dtype
     config.batch_size = args.batch
@@ -199,7 +206,6 @@ def train(args):
             with open(args.log, "a") as f:
                 f.write(line + "\n")
 
-    data = unpack(sorted(glob.glob(os.path.join(args.pack, "*.npz"))))
     val = data["fold"] == args.fold
     train_idx = np.flatnonzero(~val)
     has_tumor = data["masks"][train_idx].any(axis=(1, 2, 3))
@@ -265,6 +271,32 @@ def train(args):
         dice = [d for d in dice if not np.isnan(d)]
         return {"dice_mean": float(np.mean(dice)), "dice_median": float(np.median(dice))}
 
+    def save(best, last_ema, steps: int) -> dict:
+        scores, best_step, best_ema = best
+        meta = {
+            "config": args.config,
+            "image_size": config.data.image_size,
+            "fold": args.fold,
+            "steps": steps,
+            "best_step": best_step,
+            "best": scores,
+            "seconds": args.seconds,
+            "batch": args.batch,
+            "lr": args.lr,
+            "dtype": args.dtype,
+            "jax": jax.__version__,
+            "device": str(jax.devices()[0].device_kind),
+        }
+        tmp = args.out + ".tmp.npz"
+        np.savez(
+            tmp,
+            meta=json.dumps(meta),
+            **_flatten(best_ema, "best"),
+            **_flatten(jax.device_get(last_ema), "last"),
+        )
+        os.replace(tmp, args.out)
+        return meta
+
     key = jax.random.key(1000 + args.fold)
     # Compiled ahead, so that the wall-time budget is all training.
     step = step.lower(state, on_device, key, jnp.float32(0)).compile()
@@ -300,39 +332,29 @@ def train(args):
             say(step=step_num, val=scores)
             if best is None or scores["dice_mean"] > best[0]["dice_mean"]:
                 best = (scores, step_num, ema)
+                save(best, state.ema, step_num)  # a run cut short keeps its best
         if done:
             break
-    scores, best_step, best_ema = best
-    meta = {
-        "fold": args.fold,
-        "steps": step_num,
-        "best_step": best_step,
-        "best": scores,
-        "seconds": args.seconds,
-        "batch": args.batch,
-        "lr": args.lr,
-        "dtype": args.dtype,
-        "jax": jax.__version__,
-        "device": str(jax.devices()[0].device_kind),
-    }
-    np.savez(
-        args.out,
-        meta=json.dumps(meta),
-        **_flatten(best_ema, "best"),
-        **_flatten(jax.device_get(state.ema), "last"),
-    )
+    meta = save(best, state.ema, step_num)
     say(done=meta)
 
 
 def export(args):
-    """Writes one set of weights of a `train` file as a checkpoint for eval/predict."""
-    from configs import resunet
-    from resunet_jax import checkpointing
+    """Writes one set of weights of a `train` file as a checkpoint for eval/predict.
+
+    Like a checkpoint of `launch.py` training, it stores the validation metrics of its
+    fold's patients, whose detection threshold (chosen on them) eval and predict use.
+    """
+    import jax
+
+    from resunet_jax import checkpointing, evaluate
+    from resunet_jax.data import sources
 
     weights = np.load(args.weights)
     meta = json.loads(str(weights["meta"]))
-    config = resunet.get_config()
-    config.data.image_size = 256
+    config = _config(meta["config"])
+    config.data.dir = args.data_dir
+    config.data.image_size = meta["image_size"]
     config.data.fold = meta["fold"]
     # Trained in meta["dtype"] (mixed precision: float32 parameters); evaluated and
     # run in float32, which the CPU computes faster than bfloat16.
@@ -341,13 +363,22 @@ def export(args):
     config.optimizer.learning_rate = meta["lr"]
     config.num_train_steps = meta["steps"]
     step = meta["best_step"] if args.which == "best" else meta["steps"]
-    variables = _unflatten(weights, args.which)
+    variables = jax.tree.map(np.asarray, _unflatten(weights, args.which))
+    source = sources.open_source(config, args.out)
+    val_metrics, _ = evaluate.Evaluator(source, config, source.val_ids).run(
+        variables["params"], variables["batch_stats"]
+    )
     checkpointing.export_model(
         args.out,
         variables,
-        {"step": step, "config": checkpointing.config_json(config), "trained_on_device": meta},
+        {
+            "step": step,
+            "config": checkpointing.config_json(config),
+            "val_metrics": val_metrics,
+            "trained_on_device": meta,
+        },
     )
-    print(json.dumps({"exported": args.out, "step": step, **meta}))
+    print(json.dumps({"exported": args.out, "step": step, "val_metrics": val_metrics, **meta}))
 
 
 def main():
@@ -356,8 +387,10 @@ def main():
     a = sub.add_parser("pack")
     a.add_argument("--data_dir", required=True)
     a.add_argument("--out_dir", required=True)
+    a.add_argument("--config", default="resunet", help="configs/<name>.py: its folds")
     a = sub.add_parser("train")
     a.add_argument("--pack", required=True, help="folder of pack's .npz files")
+    a.add_argument("--config", default="resunet", help="configs/<name>.py: model, recipe")
     a.add_argument("--fold", type=int, default=0)
     a.add_argument("--seconds", type=float, default=400.0, help="training wall-time budget")
     a.add_argument("--val_seconds", type=float, default=30.0, help="validate this often")
@@ -369,10 +402,11 @@ def main():
     a = sub.add_parser("export")
     a.add_argument("--weights", required=True)
     a.add_argument("--which", default="best", choices=["best", "last"])
+    a.add_argument("--data_dir", required=True, help="the packed kaggle_3m folder")
     a.add_argument("--out", required=True)
     args = p.parse_args()
     {
-        "pack": lambda: pack(args.data_dir, args.out_dir),
+        "pack": lambda: pack(args.data_dir, args.out_dir, args.config),
         "train": lambda: train(args),
         "export": lambda: export(args),
     }[args.command]()

@@ -1,5 +1,6 @@
 """The benchmarks run and print valid JSON (no timing is asserted)."""
 
+import glob
 import json
 import os
 import subprocess
@@ -29,3 +30,72 @@ def test_input_pipeline_benchmark_reports_images_per_second():
         "benchmarks/input_pipeline.py", "--image_size", "32", "--batch", "8", "--batches", "2"
     )
     assert row["images_per_s"] > 0 and row["image_size"] == 32
+
+
+def _train_on_device():
+    sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+    import train_on_device
+
+    return train_on_device
+
+
+def test_train_on_device_augment_flips_image_and_mask_together(tiny_data, tmp_path):
+    import jax
+    import ml_collections
+    import numpy as np
+
+    tod = _train_on_device()
+    tod.pack(tiny_data, str(tmp_path), "tiny")
+    data = tod.unpack(sorted(glob.glob(str(tmp_path / "*.npz"))))
+    images, masks = data["images"][:16], data["masks"][:16]
+    off = dict(flip=False, rotate_degrees=0.0, scale=0.0, intensity=0.0, gamma=0.0)
+    out = tod.augment(jax.random.key(0), images, masks, ml_collections.ConfigDict(off))
+    np.testing.assert_allclose(out["image"], images / 255.0, atol=1e-6)
+    np.testing.assert_array_equal(out["mask"], masks)
+    flip_only = ml_collections.ConfigDict({**off, "flip": True})
+    out = tod.augment(jax.random.key(0), images, masks, flip_only)
+    mirrored = [
+        np.allclose(o, i[:, ::-1] / 255.0, atol=1e-6)
+        for o, i in zip(out["image"], images, strict=True)
+    ]
+    assert 0 < sum(mirrored) < len(images)  # some slices flipped, some not
+    for o, m, flipped in zip(out["mask"], masks, mirrored, strict=True):
+        np.testing.assert_array_equal(o, m[:, ::-1] if flipped else m)
+
+
+def test_train_on_device_packs_losslessly_trains_and_exports(tiny_data, tmp_path):
+    import argparse
+
+    import numpy as np
+
+    from resunet_jax import checkpointing
+    from resunet_jax.data import lgg
+
+    tod = _train_on_device()
+    tod.pack(tiny_data, str(tmp_path / "pack"), "tiny")
+    data = tod.unpack(sorted(glob.glob(str(tmp_path / "pack" / "*.npz"))))
+    slices = lgg.discover(tiny_data)
+    assert len(data["images"]) == len(slices) and sorted(set(data["fold"])) == [0, 1, 2]
+    for s, image, mask in zip(slices, data["images"], data["masks"], strict=True):
+        np.testing.assert_array_equal(image, lgg.read_image(s.image_path))
+        np.testing.assert_array_equal(mask[..., 0], lgg.read_mask(s.mask_path))
+
+    weights = str(tmp_path / "fold0.npz")
+    tod.train(
+        argparse.Namespace(
+            pack=str(tmp_path / "pack"), config="tiny", fold=0, seconds=2.0, val_seconds=1.0,
+            batch=4, lr=1e-3, dtype="float32", out=weights, log="",
+        )
+    )  # fmt: skip
+    meta = json.loads(str(np.load(weights)["meta"]))
+    assert meta["steps"] > 0 and 0.0 <= meta["best"]["dice_mean"] <= 1.0
+    tod.export(
+        argparse.Namespace(
+            weights=weights, which="best", data_dir=tiny_data, out=str(tmp_path / "model")
+        )
+    )
+    variables, saved = checkpointing.restore_model(str(tmp_path / "model"))
+    assert saved["step"] == meta["best_step"] and saved["val_metrics"]["num_patients"] == 2
+    np.testing.assert_array_equal(
+        variables["params"]["head"]["kernel"], np.load(weights)["best.params.head.kernel"]
+    )
