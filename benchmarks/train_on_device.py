@@ -350,6 +350,8 @@ def export(args):
     from resunet_jax import checkpointing, evaluate
     from resunet_jax.data import sources
 
+    if os.path.exists(args.out):
+        raise SystemExit(f"{args.out}: already exists; export to a new --out (nothing written)")
     weights = np.load(args.weights)
     meta = json.loads(str(weights["meta"]))
     config = _config(meta["config"])

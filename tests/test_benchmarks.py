@@ -1,10 +1,12 @@
-"""The benchmarks run and print valid JSON (no timing is asserted)."""
+"""The scripts under benchmarks/ run: valid JSON, real training and export (no timing asserted)."""
 
 import glob
 import json
 import os
 import subprocess
 import sys
+
+import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -89,11 +91,12 @@ def test_train_on_device_packs_losslessly_trains_and_exports(tiny_data, tmp_path
     )  # fmt: skip
     meta = json.loads(str(np.load(weights)["meta"]))
     assert meta["steps"] > 0 and 0.0 <= meta["best"]["dice_mean"] <= 1.0
-    tod.export(
-        argparse.Namespace(
-            weights=weights, which="best", data_dir=tiny_data, out=str(tmp_path / "model")
-        )
+    export_args = argparse.Namespace(
+        weights=weights, which="best", data_dir=tiny_data, out=str(tmp_path / "model")
     )
+    tod.export(export_args)
+    with pytest.raises(SystemExit, match="already exists"):
+        tod.export(export_args)  # an earlier export is never overwritten
     variables, saved = checkpointing.restore_model(str(tmp_path / "model"))
     assert saved["step"] == meta["best_step"] and saved["val_metrics"]["num_patients"] == 2
     np.testing.assert_array_equal(
