@@ -10,9 +10,9 @@ BatchNorm and the weights' moving average); sampling and augmentation follow
 gamma). The learning rate warms up over steps and then follows a cosine over a fixed
 wall-time budget, so a run of any speed ends its schedule on time.
 
-Two commands:
+Three commands:
 
-  # Where TF is installed: pack kaggle_3m losslessly (227 MiB, a file per patient),
+  # Where TF is installed: pack kaggle_3m losslessly (~200 MiB, a file per patient),
   # with the patient-level folds of configs/resunet.py.
   python benchmarks/train_on_device.py pack --data_dir=PATH/kaggle_3m --out_dir=PACK
 
@@ -190,7 +190,10 @@ def train(args):
     from resunet_jax import losses, metrics, models
     from resunet_jax import train as train_lib
 
-    data = unpack(sorted(glob.glob(os.path.join(args.pack, "*.npz"))))
+    paths = sorted(glob.glob(os.path.join(args.pack, "*.npz")))
+    if not paths:
+        raise SystemExit(f"{args.pack}: no .npz files; write them with `pack` first")
+    data = unpack(paths)
     config = _config(args.config)
     config.data.image_size = data["images"].shape[1]
     config.data.fold = args.fold
@@ -207,6 +210,8 @@ def train(args):
                 f.write(line + "\n")
 
     val = data["fold"] == args.fold
+    if not val.any() or val.all():
+        raise SystemExit(f"{args.pack}: fold {args.fold} must hold some but not all patients")
     train_idx = np.flatnonzero(~val)
     has_tumor = data["masks"][train_idx].any(axis=(1, 2, 3))
     on_device = {
