@@ -8,7 +8,9 @@ The step itself is the project's (`train.train_step`: loss, gradient clipping, A
 BatchNorm and the weights' moving average); sampling and augmentation follow
 `input_pipeline.py` (tumour fraction, flip, rotation, zoom, per-channel gain and
 gamma). The learning rate warms up over steps and then follows a cosine over a fixed
-wall-time budget, so a run of any speed ends its schedule on time.
+wall-time budget, so a run of any speed ends its schedule on time. Config fields it
+does not implement (per-slice normalisation, crops, the detection head, optimizers other
+than Adam) stop it with an error rather than being ignored.
 
 Three commands:
 
@@ -201,6 +203,17 @@ def train(args):
     config.batch_size = args.batch
     config.optimizer.learning_rate = args.lr
     config.num_train_steps = 1  # unused: the optimizer below takes its rate per step
+    unsupported = {
+        "data.normalization": (config.data.normalization, "scale"),
+        "data.crop_size": (config.data.crop_size, None),
+        "model.detection_head": (config.model.detection_head, False),
+        "optimizer.name": (config.optimizer.name, "adam"),
+    }
+    for field, (value, supported) in unsupported.items():
+        if value != supported:
+            raise SystemExit(f"{field}={value!r}: this script trains only {field}={supported!r}")
+    if config.data.tumor_fraction is None:
+        raise SystemExit("data.tumor_fraction=None: this script samples at a set tumour fraction")
 
     def say(**row):
         line = json.dumps({"fold": args.fold, **row})
