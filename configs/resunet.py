@@ -52,6 +52,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.data.shuffle_buffer = 1024
     # Share of training slices drawn from slices with tumour; None = natural (~35%).
     config.data.tumor_fraction = 0.5
+    # Among tumour slices, draw each with probability ∝ 1 + w · (tumour area / mean area)
+    # (Buda et al.: ∝ area plus a uniform part); 0 = uniformly. Needs tumor_fraction.
+    config.data.tumor_area_weight = 0.0
 
     # Synthetic phantom data (used when data.dir is empty).
     config.synthetic = ml_collections.ConfigDict()

@@ -191,13 +191,32 @@ def augment(batch, params, config, normalization: str = "scale", crop_size: int 
     return _finish_xla(slices, params["gain"], normalization, gamma)
 
 
+def _weight_by_area(ds, weight: float, mean_area: float, max_area: float, seed: int):
+    """Rejection-samples tumour slices so that each is drawn ∝ 1 + weight · area / mean area.
+
+    Buda et al. draw a slice with probability proportional to its tumour area plus a
+    uniform part; `weight` sets how much of it is the area (0: uniform).
+    """
+    top = 1.0 + weight * max_area / mean_area
+    uniforms = tf.data.Dataset.random(seed=seed + 3).map(
+        lambda r: tf.cast(r % (1 << 24), tf.float32) / float(1 << 24)
+    )
+
+    def keep(ex, u):
+        area = tf.reduce_sum(tf.cast(ex["mask"], tf.float32))
+        return u * top < 1.0 + weight * area / mean_area
+
+    return tf.data.Dataset.zip(ds, uniforms).filter(keep).map(lambda ex, _: ex)
+
+
 def create_train_dataset(
     builder, patient_ids, config, per_process_batch: int, seed: int
 ) -> tf.data.Dataset:
     """Endless, shuffled, augmented training batches of this process.
 
     With `data.tumor_fraction` set, slices with and without tumour are drawn at that
-    rate; None keeps their natural proportion.
+    rate; None keeps their natural proportion. With `data.tumor_area_weight` w > 0 as
+    well, a tumour slice is drawn with probability ∝ 1 + w · area / mean area.
 
     Args:
         builder: prepared `LggBuilder`.
@@ -223,13 +242,14 @@ def create_train_dataset(
     fraction = config.data.tumor_fraction
     if fraction is not None:
         # Both kinds must exist, else sampling from an empty stream would never return.
-        # This pass also fills the cache.
-        kinds = ds.reduce(
-            tf.zeros(2, tf.int64),
-            lambda n, ex: (
-                n + tf.one_hot(tf.cast(tf.reduce_any(ex["mask"] > 0), tf.int32), 2, dtype=tf.int64)
-            ),
-        ).numpy()
+        # This pass also fills the cache. Per kind: count, summed and largest tumour area.
+        def tally(stats, ex):
+            area = tf.reduce_sum(tf.cast(ex["mask"], tf.float32))
+            kind = tf.one_hot(tf.cast(area > 0, tf.int32), 2)
+            return tf.stack([stats[0] + kind, stats[1] + kind * area, tf.maximum(stats[2], area)])
+
+        stats = ds.reduce(tf.zeros([3, 2]), tally).numpy()
+        kinds = stats[0]
         if not kinds.all():
             logging.warning(
                 "Training slices are all %s: data.tumor_fraction ignored",
@@ -243,7 +263,11 @@ def create_train_dataset(
         # model more lesion boundaries per step (Buda et al. weight by tumour area).
         def stream(has_tumor: bool, offset: int):
             part = ds.filter(lambda ex: tf.reduce_any(ex["mask"] > 0) == has_tumor)
-            return part.repeat().shuffle(config.data.shuffle_buffer, seed=seed + offset)
+            part = part.repeat().shuffle(config.data.shuffle_buffer, seed=seed + offset)
+            weight = config.data.tumor_area_weight
+            if has_tumor and weight:
+                part = _weight_by_area(part, weight, stats[1, 1] / kinds[1], stats[2, 1], seed)
+            return part
 
         ds = tf.data.Dataset.sample_from_datasets(
             [stream(True, 1), stream(False, 2)], [fraction, 1.0 - fraction], seed=seed

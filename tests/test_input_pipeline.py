@@ -175,3 +175,30 @@ def test_train_crops_have_the_crop_size_and_a_bad_size_is_refused(tiny_data, tmp
     config.data.crop_size = 64
     with pytest.raises(ValueError, match=r"data.crop_size must be in 1..data.image_size \(32\)"):
         input_pipeline.create_train_dataset(builder, ids[:4], config, 8, 0)
+
+
+def test_area_weighting_draws_large_tumours_more_often(tiny_data, tmp_path):
+    builder = _builder(tiny_data, tmp_path)
+    ids = lgg.patient_ids(lgg.discover(tiny_data))
+    config = _config()
+    config.augment.update(flip=False, rotate_degrees=0.0, scale=0.0, intensity=0.0, gamma=0.0)
+    config.data.tumor_fraction = 1.0  # tumour slices only
+
+    def drawn_areas(weight):
+        config.data.tumor_area_weight = weight
+        ds = input_pipeline.create_train_dataset(builder, ids[:4], config, 16, seed=0)
+        masks = np.concatenate([b["mask"].reshape(16, -1) for b in ds.take(40).as_numpy_iterator()])
+        return masks.sum(axis=1)
+
+    # The areas of the tumour slices, at the model's 32 px, as the pipeline sees them.
+    eval_ds = input_pipeline.create_eval_dataset(builder, ids[:4], config, 64)
+    areas = np.concatenate(
+        [b["mask"].reshape(len(b["mask"]), -1).sum(1) for b in eval_ds.as_numpy_iterator()]
+    )
+    areas = areas[areas > 0].astype(float)
+    uniform, weighted = drawn_areas(0.0), drawn_areas(4.0)
+    assert (uniform > 0).all() and (weighted > 0).all()
+    np.testing.assert_allclose(uniform.mean(), areas.mean(), rtol=0.05)
+    w = 1 + 4.0 * areas / areas.mean()  # each slice's relative draw probability
+    np.testing.assert_allclose(weighted.mean(), (w * areas).sum() / w.sum(), rtol=0.05)
+    assert weighted.mean() > 1.1 * uniform.mean()
