@@ -206,6 +206,7 @@ def train(args):
     unsupported = {
         "data.normalization": (config.data.normalization, "scale"),
         "data.crop_size": (config.data.crop_size, None),
+        "data.tumor_area_weight": (config.data.tumor_area_weight, 0.0),
         "model.detection_head": (config.model.detection_head, False),
         "optimizer.name": (config.optimizer.name, "adam"),
     }
