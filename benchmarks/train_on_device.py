@@ -9,8 +9,8 @@ BatchNorm and the weights' moving average); sampling and augmentation follow
 `input_pipeline.py` (tumour fraction, flip, rotation, zoom, per-channel gain and
 gamma). The learning rate warms up over steps and then follows a cosine over a fixed
 wall-time budget, so a run of any speed ends its schedule on time. Config fields it
-does not implement (per-slice normalisation, crops, the detection head, optimizers other
-than Adam) stop it with an error rather than being ignored.
+does not implement (per-slice normalisation, crops, area-weighted sampling, the detection
+head, optimizers other than Adam) stop it with an error rather than being ignored.
 
 Three commands:
 
