@@ -173,7 +173,7 @@ def check_compatible(saved: dict, expected: dict, step: int):
         )
         raise CheckpointError(
             f"checkpoint step {step} was written by a different model config ({shown}). "
-            "Use the config it was trained with, or a new --workdir."
+            "Use the model config it was trained with (when resuming: or a new --workdir)."
         )
 
 
