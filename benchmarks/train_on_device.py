@@ -34,6 +34,7 @@ import argparse
 import functools
 import glob
 import importlib
+import itertools
 import json
 import lzma
 import os
@@ -93,10 +94,11 @@ def pack(data_dir: str, out_dir: str, config_name: str = "resunet"):
             pool.submit(
                 _pack_patient,
                 os.path.join(out_dir, f"{pid}.npz"),
-                [s for s in slices if s.patient_id == pid],
+                list(patient_slices),
                 fold_of,
             )
-            for pid in ids
+            # discover() lists slices in patient order.
+            for pid, patient_slices in itertools.groupby(slices, lambda s: s.patient_id)
         ]
         for job in jobs:
             job.result()

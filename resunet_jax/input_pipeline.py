@@ -246,7 +246,9 @@ def create_train_dataset(
         def tally(stats, ex):
             area = tf.reduce_sum(tf.cast(ex["mask"], tf.float32))
             kind = tf.one_hot(tf.cast(area > 0, tf.int32), 2)
-            return tf.stack([stats[0] + kind, stats[1] + kind * area, tf.maximum(stats[2], area)])
+            return tf.stack(
+                [stats[0] + kind, stats[1] + kind * area, tf.maximum(stats[2], kind * area)]
+            )
 
         stats = ds.reduce(tf.zeros([3, 2]), tally).numpy()
         kinds = stats[0]
