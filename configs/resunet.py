@@ -48,7 +48,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.data.num_folds = 5  # patient-level k-fold split ...
     config.data.fold = 0  # ... and the fold used for validation
     config.data.split_seed = 0  # patient permutation of the split
-    config.data.normalization = "scale"  # "scale": x/255; "slice": per-slice z-score
+    # "scale": x/255; "slice": per-slice z-score; "volume": each channel z-scored by
+    # its patient's brain-pixel mean and std (prediction: the slices of one folder).
+    config.data.normalization = "scale"
     config.data.shuffle_buffer = 1024
     # Share of training slices drawn from slices with tumour; None = natural (~35%).
     config.data.tumor_fraction = 0.5

@@ -50,11 +50,18 @@ def resize_example(example, image_size: int):
     )
 
 
-def normalize(image, method: str = "scale"):
+def normalize(image, method: str = "scale", stats=None):
     """uint8 (or float in [0, 255]) [..., H, W, 3] → float32 model input.
 
     "scale": x / 255. "slice": each channel of each slice standardised to zero mean,
-    unit variance (removes scanner gain differences between patients).
+    unit variance. "volume": each channel standardised by the mean and standard
+    deviation of x over its patient's brain pixels (`volume_stats`), so a lesion is
+    as bright as it is relative to that patient's brain, whatever the scanner's gain.
+
+    Args:
+        image: [..., H, W, 3].
+        method: `data.normalization`.
+        stats: "volume" only: [..., 2, 3] per-channel (mean, std) of the image's volume.
     """
     image = tf.cast(image, tf.float32) / 255.0
     if method == "scale":
@@ -62,7 +69,73 @@ def normalize(image, method: str = "scale"):
     if method == "slice":
         mean, var = tf.nn.moments(image, axes=[-3, -2], keepdims=True)
         return (image - mean) / tf.sqrt(var + 1e-4)
-    raise ValueError(f"unknown data.normalization {method!r}; use 'scale' or 'slice'")
+    if method == "volume":
+        if stats is None:
+            raise ValueError("data.normalization='volume' needs the volume's statistics")
+        stats = tf.cast(stats, tf.float32)
+        return (image - stats[..., 0:1, None, :]) / stats[..., 1:2, None, :]
+    raise ValueError(f"unknown data.normalization {method!r}; use 'scale', 'slice' or 'volume'")
+
+
+def slice_moments(image):
+    """Brain-pixel moments of a slice, summed over slices into `volume_stats`.
+
+    Brain pixels are those with any channel non-zero (the slices are skull-stripped:
+    background is 0), so the statistics do not depend on how much of the field of
+    view the head fills.
+
+    Args:
+        image: [..., H, W, 3] uint8 (or float in [0, 255]).
+
+    Returns:
+        [..., 3, 3] float32: rows (brain pixel count, sum of x, sum of x²), columns the
+        channels, x = value / 255.
+    """
+    x = tf.cast(image, tf.float32) / 255.0
+    brain = tf.cast(tf.reduce_any(x > 0, axis=-1, keepdims=True), tf.float32)
+    count = tf.reduce_sum(brain, axis=[-3, -2]) * tf.ones_like(x[..., 0, 0, :])
+    total = tf.reduce_sum(x * brain, axis=[-3, -2])
+    squares = tf.reduce_sum(x * x * brain, axis=[-3, -2])
+    return tf.stack([count, total, squares], axis=-2)
+
+
+def volume_stats(moments) -> np.ndarray:
+    """Per-channel mean and standard deviation of a volume's brain pixels.
+
+    Args:
+        moments: [3, 3] `slice_moments` summed over the volume's slices.
+
+    Returns:
+        [2, 3] float32 (mean, std) of x = value / 255; a volume without brain pixels
+        gets (0, 1).
+    """
+    count, total, squares = np.asarray(moments, np.float64)
+    if count[0] == 0:
+        return np.array([[0.0] * 3, [1.0] * 3], np.float32)
+    mean = total / count
+    var = np.maximum(squares / count - mean**2, 0.0)
+    # A floor far under any real volume's spread (dim LGG FLAIR volumes have std ~0.02):
+    # a larger one would make dim volumes' inputs depend on their gain again.
+    return np.stack([mean, np.sqrt(var + 1e-8)]).astype(np.float32)
+
+
+def _add_volume_stats(ds: tf.data.Dataset, patient_ids) -> tf.data.Dataset:
+    """Adds each example's patient's `volume_stats` as "norm" [2, 3].
+
+    One pass over `ds` (resized slices, as prediction computes them) sums every
+    patient's moments.
+    """
+    wanted = tf.constant(sorted(patient_ids))
+
+    def index(ex):
+        return tf.argmax(tf.cast(tf.equal(wanted, ex["patient_id"]), tf.int32))
+
+    sums = np.zeros([len(patient_ids), 3, 3])
+    pairs = ds.map(lambda ex: (index(ex), slice_moments(ex["image"])), tf.data.AUTOTUNE)
+    for i, moments in pairs.as_numpy_iterator():
+        sums[i] += moments
+    table = tf.constant(np.stack([volume_stats(m) for m in sums]))
+    return ds.map(lambda ex: dict(ex, norm=tf.gather(table, index(ex))))
 
 
 def augment_params(seed, image_size: int, config, crop_size: int | None = None):
@@ -145,9 +218,9 @@ def warp_bilinear(images, transforms, out_size: int | None = None):
     return top * (1 - wy) + bottom * wy
 
 
-def _finish(slices, gain, normalization: str, gamma=None):
+def _finish(slices, gain, normalization: str, gamma=None, stats=None):
     """[B, S, S, 4] float (image channels, mask) → gained (and gamma-corrected),
-    normalised image; binary mask."""
+    normalised image (`stats` [B, 2, 3]: "volume" statistics); binary mask."""
     image = tf.clip_by_value(slices[..., :3] * gain[:, None, None, :], 0.0, 255.0)
     if gamma is not None:
         # 255 (x/255)^γ keeps black and white and moves the mid-tones: contrast
@@ -156,7 +229,7 @@ def _finish(slices, gain, normalization: str, gamma=None):
         # fell from ~950 to ~600 img/s); log 0 = -inf maps black to exactly 0.
         image = 255.0 * tf.exp(gamma[:, None, None, :] * tf.math.log(image / 255.0))
     return {
-        "image": normalize(image, normalization),
+        "image": normalize(image, normalization, stats),
         "mask": tf.cast(slices[..., 3:] >= 0.5, tf.uint8),
     }
 
@@ -174,7 +247,8 @@ def augment(batch, params, config, normalization: str = "scale", crop_size: int 
     so they stay aligned and the mask binary.
 
     Args:
-        batch: {"image": [B, S, S, 3] uint8, "mask": [B, S, S, 1] uint8 in {0, 1}}.
+        batch: {"image": [B, S, S, 3] uint8, "mask": [B, S, S, 1] uint8 in {0, 1}, and
+            for "volume" normalisation "norm": [B, 2, 3] the slices' volume statistics}.
         params: {"transform": [B, 8], "gain": [B, 3], "gamma": [B, 3]} float32.
         config: `config.augment` (geometry off: the warp is skipped).
         normalization: `data.normalization` (see `normalize`).
@@ -188,7 +262,7 @@ def augment(batch, params, config, normalization: str = "scale", crop_size: int 
         slices = _warp_xla(slices, params["transform"], crop_size)
     # With intensity 0 the drawn gains are exactly 1 (see augment_params).
     gamma = params["gamma"] if config.gamma else None
-    return _finish_xla(slices, params["gain"], normalization, gamma)
+    return _finish_xla(slices, params["gain"], normalization, gamma, batch.get("norm"))
 
 
 def _weight_by_area(ds, weight: float, mean_area: float, max_area: float, seed: int):
@@ -237,8 +311,10 @@ def create_train_dataset(
         )
     ds = _select_patients(builder.as_dataset(split=lgg.SPLIT, shuffle_files=False), patient_ids)
     ds = ds.map(lambda ex: resize_example(ex, config.data.image_size), tf.data.AUTOTUNE)
-    ds = ds.map(lambda ex: {"image": ex["image"], "mask": ex["mask"]})
-    ds = ds.cache()
+    ds = ds.map(lambda ex: {k: ex[k] for k in ("image", "mask", "patient_id")}).cache()
+    if config.data.normalization == "volume":
+        ds = _add_volume_stats(ds, patient_ids)
+    ds = ds.map(lambda ex: {k: v for k, v in ex.items() if k != "patient_id"})
     fraction = config.data.tumor_fraction
     if fraction is not None:
         # Both kinds must exist, else sampling from an empty stream would never return.
@@ -317,9 +393,13 @@ def create_eval_dataset(builder, patient_ids, config, batch_size: int) -> tf.dat
         tf.data.AUTOTUNE,
     )
     ds = ds.cache()
+    if config.data.normalization == "volume":
+        ds = _add_volume_stats(ds, patient_ids)
     ds = ds.map(
         lambda ex: dict(
-            ex, image=normalize(ex["image"], config.data.normalization), display=ex["image"]
+            ex,
+            image=normalize(ex["image"], config.data.normalization, ex.get("norm")),
+            display=ex["image"],
         ),
         tf.data.AUTOTUNE,
     )

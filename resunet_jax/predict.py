@@ -3,8 +3,10 @@
 Input: one .tif, a folder of .tif slices, or a folder of patient folders (`*_mask.tif`
 files are ground truth and skipped). Each slice is brought to the model's input the way
 training saw it: 1-channel images are replicated to 3 channels, 16-bit and float images
-rescaled to 0..255, any size resized to `data.image_size`; the predicted mask is resized
-back to the slice's own size. A file that cannot be used gets one error line naming it
+rescaled to 0..255, any size resized to `data.image_size`; a model trained with
+"volume" normalisation takes its statistics from all readable slices of the slice's
+folder (one folder = one patient's volume). The predicted mask is resized back to the
+slice's own size. A file that cannot be used gets one error line naming it
 and a row in predictions.csv; the other files are still processed.
 """
 
@@ -115,6 +117,37 @@ def _write_prediction(path, image, mask, tumor_prob, base, out_dir) -> dict:
     }
 
 
+def _read_folder(paths, config, rows) -> list[tuple]:
+    """Reads one folder's slices into model inputs; unusable files become error rows.
+
+    Returns:
+        (path, image [H, W, 3] uint8 as read, model input [S, S, 3] float32) of each
+        readable file.
+    """
+    read = []
+    for path in paths:
+        try:
+            image = load_slice(path)
+        except lgg.DataError as e:
+            logging.error("%s", e)
+            rows.append(dict.fromkeys(CSV_FIELDS, "") | {"file": path, "error": str(e)})
+            continue
+        empty_mask = np.zeros(image.shape[:2] + (1,), np.uint8)
+        resized = input_pipeline.resize_example(
+            {"image": image, "mask": empty_mask}, config.data.image_size
+        )["image"]
+        read.append((path, image, resized))
+    if not read:
+        return []
+    resized = np.stack([r[2] for r in read])
+    stats = None
+    if config.data.normalization == "volume":
+        moments = np.asarray(input_pipeline.slice_moments(resized)).sum(axis=0)
+        stats = input_pipeline.volume_stats(moments)
+    model_in = np.asarray(input_pipeline.normalize(resized, config.data.normalization, stats))
+    return [(path, image, x) for (path, image, _), x in zip(read, model_in, strict=True)]
+
+
 def predict(config, workdir: str) -> list[dict]:
     """Predicts every slice under `config.predict.input` into `workdir/predict/`.
 
@@ -132,35 +165,25 @@ def predict(config, workdir: str) -> list[dict]:
     os.makedirs(out_dir, exist_ok=True)
     rows, batch_size = [], -(-config.eval.batch_size // jax.local_device_count())
     batch_size *= jax.local_device_count()
-    for start in range(0, len(paths), batch_size):
-        chunk = []  # (path, image, model input) of the readable files
-        for path in paths[start : start + batch_size]:
-            try:
-                image = load_slice(path)
-            except lgg.DataError as e:
-                logging.error("%s", e)
-                rows.append(dict.fromkeys(CSV_FIELDS, "") | {"file": path, "error": str(e)})
-                continue
-            resized = input_pipeline.resize_example(
-                {"image": image, "mask": np.zeros(image.shape[:2] + (1,), np.uint8)},
-                config.data.image_size,
-            )["image"]
-            model_in = input_pipeline.normalize(resized, config.data.normalization)
-            chunk.append((path, image, model_in))
-        if not chunk:
-            continue
-        padded, n = parallel.pad_batch({"image": np.stack([c[2] for c in chunk])}, batch_size)
-        _, out = step(variables, parallel.split_for_devices(padded))
-        prob_maps = np.asarray(out["mask"]).reshape(-1, *out["mask"].shape[2:])[:n]
-        tumor_probs = np.asarray(out["tumor"]).reshape(-1)[:n]
-        heights, widths = zip(*(c[1].shape[:2] for c in chunk), strict=True)
-        masks = postprocess.masks_at_original_size(prob_maps, heights, widths)
-        masks &= (tumor_probs >= threshold)[:, None, None]  # slices called tumour-free: empty
-        for (path, image, _), mask, tumor_prob in zip(chunk, masks, tumor_probs, strict=True):
-            h, w = image.shape[:2]
-            rows.append(
-                _write_prediction(path, image, mask[:h, :w], float(tumor_prob), base, out_dir)
-            )
+    folders = {}  # a folder's slices together: "volume" statistics are per folder
+    for path in paths:
+        folders.setdefault(os.path.dirname(path), []).append(path)
+    for folder_paths in folders.values():
+        slices = _read_folder(folder_paths, config, rows)
+        for start in range(0, len(slices), batch_size):
+            chunk = slices[start : start + batch_size]
+            padded, n = parallel.pad_batch({"image": np.stack([c[2] for c in chunk])}, batch_size)
+            _, out = step(variables, parallel.split_for_devices(padded))
+            prob_maps = np.asarray(out["mask"]).reshape(-1, *out["mask"].shape[2:])[:n]
+            tumor_probs = np.asarray(out["tumor"]).reshape(-1)[:n]
+            heights, widths = zip(*(c[1].shape[:2] for c in chunk), strict=True)
+            masks = postprocess.masks_at_original_size(prob_maps, heights, widths)
+            masks &= (tumor_probs >= threshold)[:, None, None]  # called tumour-free: empty
+            for (path, image, _), mask, prob in zip(chunk, masks, tumor_probs, strict=True):
+                h, w = image.shape[:2]
+                rows.append(
+                    _write_prediction(path, image, mask[:h, :w], float(prob), base, out_dir)
+                )
     csv_path = os.path.join(out_dir, "predictions.csv")
     with open(csv_path + ".tmp", "w", newline="") as f:
         writer = csv.DictWriter(f, CSV_FIELDS)

@@ -1,8 +1,11 @@
+import os
+
 import jax
 import ml_collections
 import numpy as np
 import pytest
 import tensorflow as tf
+import tifffile
 
 from configs import tiny
 from resunet_jax import input_pipeline
@@ -202,3 +205,48 @@ def test_area_weighting_draws_large_tumours_more_often(tiny_data, tmp_path):
     w = 1 + 4.0 * areas / areas.mean()  # each slice's relative draw probability
     np.testing.assert_allclose(weighted.mean(), (w * areas).sum() / w.sum(), rtol=0.05)
     assert weighted.mean() > 1.1 * uniform.mean()
+
+
+def test_volume_normalisation_standardises_each_patient_whatever_its_gain(tiny_data, tmp_path):
+    # Two copies of one patient, the second scanned at twice the gain (same zeros).
+    source = lgg.discover(tiny_data)
+    patient = source[0].patient_id
+    for name, factor in (("TCGA_AA_0001_20000101", 1), ("TCGA_BB_0002_20000101", 2)):
+        os.makedirs(tmp_path / "data" / name)
+        for s in (s for s in source if s.patient_id == patient):
+            image, mask = lgg.read_slice(s)
+            tifffile.imwrite(
+                tmp_path / "data" / name / f"{name}_{s.index}.tif", image // 2 * factor
+            )
+            tifffile.imwrite(tmp_path / "data" / name / f"{name}_{s.index}_mask.tif", mask * 255)
+    data = str(tmp_path / "data")
+    builder = lgg.prepare(data, str(tmp_path / "prep"), lgg.discover(data))
+    config = _config()
+    config.data.normalization = "volume"
+    ids = ["TCGA_AA_0001_20000101", "TCGA_BB_0002_20000101"]
+    batches = list(
+        input_pipeline.as_numpy(input_pipeline.create_eval_dataset(builder, ids, config, 64))
+    )
+    images = {}
+    for p in ids:
+        order = np.concatenate([b["slice_index"][b["patient_id"] == p] for b in batches])
+        image = np.concatenate([b["image"][b["patient_id"] == p] for b in batches])
+        display = np.concatenate([b["display"][b["patient_id"] == p] for b in batches])
+        brain = display.max(-1) > 0
+        np.testing.assert_allclose(image[brain].mean(0), 0.0, atol=1e-4)
+        np.testing.assert_allclose(image[brain].std(0), 1.0, atol=2e-3)
+        images[p] = image[np.argsort(order)]
+    # Resizing rounds to uint8, so the copies differ by up to a grey level.
+    np.testing.assert_allclose(images[ids[0]], images[ids[1]], atol=0.1)
+    assert np.abs(images[ids[0]] - images[ids[1]]).mean() < 0.01
+    # Training batches carry the same statistics through augmentation.
+    config.augment.update(flip=False, rotate_degrees=0.0, scale=0.0, intensity=0.0, gamma=0.0)
+    batch = next(
+        input_pipeline.as_numpy(input_pipeline.create_train_dataset(builder, ids, config, 8, 0))
+    )
+    train_images = batch["image"].reshape(-1, 32 * 32, 3)
+    every_slice = np.concatenate(list(images.values())).reshape(-1, 32 * 32, 3)
+    for x in train_images:  # each drawn slice is one of the normalised slices
+        assert np.abs(every_slice - x).max(axis=(1, 2)).min() < 1e-5
+    with pytest.raises(ValueError, match="needs the volume's statistics"):
+        input_pipeline.normalize(np.zeros((4, 4, 3)), "volume")

@@ -107,3 +107,34 @@ def test_shipped_weights_restore_and_call_an_empty_slice_tumour_free(tmp_path):
     config.predict.input = str(tmp_path / "in" / "blank_1.tif")
     (row,) = predict.predict(config, str(tmp_path / "work"))
     assert not row["error"] and row["tumor"] is False and row["predicted_area_pixels"] == 0
+
+
+def test_volume_normalised_model_predicts_a_folder_the_same_at_any_gain(tmp_path):
+    """ "volume" statistics come from the slice's folder, so a patient scanned at twice
+    the gain gets the same predictions."""
+    config = tiny.get_config()
+    config.data.normalization = "volume"
+    state = train.create_train_state(jax.random.key(0), config, models.create_model(config.model))
+    meta = {"step": 0, "config": checkpointing.config_json(config)}
+    checkpointing.export_model(
+        str(tmp_path / "model"), {"params": state.params, "batch_stats": state.batch_stats}, meta
+    )
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 128, (3, 32, 32, 3), np.uint8)
+    images[:, :6] = 0  # background
+    for folder, factor in (("dim", 1), ("bright", 2)):
+        os.makedirs(tmp_path / "in" / folder)
+        for k, image in enumerate(images):
+            tifffile.imwrite(tmp_path / "in" / folder / f"s_{k}.tif", image * factor)
+    config = tiny.get_config()
+    config.checkpoint = str(tmp_path / "model")
+    config.predict.input = str(tmp_path / "in")
+    rows = predict.predict(config, str(tmp_path / "work"))
+    probs = {os.path.relpath(r["file"], tmp_path / "in"): r["tumor_probability"] for r in rows}
+    assert len(probs) == 6
+    for k in range(3):
+        assert probs[f"dim/s_{k}.tif"] == pytest.approx(probs[f"bright/s_{k}.tif"], abs=1e-4)
+    # Statistics are the folder's, not the slice's: one slice alone is normalised apart.
+    config.predict.input = str(tmp_path / "in" / "dim" / "s_0.tif")
+    (alone,) = predict.predict(config, str(tmp_path / "work2"))
+    assert alone["tumor_probability"] != pytest.approx(probs["dim/s_0.tif"], abs=1e-6)
