@@ -74,6 +74,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.augment.scale = 0.2  # zoom uniform in [1-s, 1+s]
     config.augment.intensity = 0.2  # per-channel gain uniform in [1-i, 1+i]
     config.augment.gamma = 0.35  # per-channel gamma: x -> x^γ, log γ uniform in [-g, g]
+    # Elastic deformation: smooth random displacements (std = elastic x the side, at a
+    # 5 x 5 grid of control points, interpolated); 0 = off.
+    config.augment.elastic = 0.0
 
     config.loss = "dice_bce"  # focal_tversky (the seed's) | dice | bce | dice_bce
     config.detection_loss_weight = 0.5  # weight of the detection head's BCE

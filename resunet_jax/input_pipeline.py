@@ -138,23 +138,32 @@ def _add_volume_stats(ds: tf.data.Dataset, patient_ids) -> tf.data.Dataset:
     return ds.map(lambda ex: dict(ex, norm=tf.gather(table, index(ex))))
 
 
+# Control points per side of the elastic displacement field: coarse, so the field bends
+# anatomy smoothly (a shift per ~1/4 of the slice) instead of jittering pixels.
+ELASTIC_GRID = 5
+
+
 def augment_params(seed, image_size: int, config, crop_size: int | None = None):
     """Draws one slice's augmentation: a pure function of `seed`.
 
     Flip, rotation and scaling about the centre and the crop are one projective
     transform, so the slice is resampled once (tf.raw_ops.ImageProjectiveTransformV3
-    convention: the 8 parameters map output to input coordinates).
+    convention: the 8 parameters map output to input coordinates). An elastic
+    deformation, when on, adds a smooth displacement to that mapping (same resample).
 
     Args:
         seed: [2] int stateless seed.
         image_size: slice side S.
-        config: `config.augment` (flip, rotate_degrees, scale, intensity, gamma).
+        config: `config.augment` (flip, rotate_degrees, scale, intensity, gamma,
+            elastic).
         crop_size: output side C <= S; the crop's centre is uniform over the positions
             that keep it inside the slice. None = S (no crop).
 
     Returns:
         {"transform": [8] float32, "gain": [3] float32 per-channel intensity gain,
-        "gamma": [3] float32 per-channel gamma}.
+        "gamma": [3] float32 per-channel gamma}, and with `elastic` > 0
+        "displacement": [G, G, 2] float32, the (x, y) shifts in pixels at a G x G grid
+        of control points (G = ELASTIC_GRID) spread over the output.
     """
     crop_size = crop_size or image_size
     seeds = tf.random.experimental.stateless_split(seed, 4)
@@ -179,10 +188,18 @@ def augment_params(seed, image_size: int, config, crop_size: int | None = None):
     g = config.gamma
     gamma_seed = tf.random.experimental.stateless_fold_in(seed, 5)
     gamma = tf.exp(tf.random.stateless_uniform([3], gamma_seed, -g, g))
-    return {"transform": transform, "gain": gain, "gamma": gamma}
+    params = {"transform": transform, "gain": gain, "gamma": gamma}
+    elastic = config.get("elastic", 0.0)
+    if elastic:
+        elastic_seed = tf.random.experimental.stateless_fold_in(seed, 6)
+        shape = [ELASTIC_GRID, ELASTIC_GRID, 2]
+        params["displacement"] = tf.random.stateless_normal(shape, elastic_seed) * (
+            elastic * crop_size
+        )
+    return params
 
 
-def warp_bilinear(images, transforms, out_size: int | None = None):
+def warp_bilinear(images, transforms, out_size: int | None = None, displacements=None):
     """Resamples each image at its projective transform, bilinearly, zeros outside.
 
     The convention of tf.raw_ops.ImageProjectiveTransformV3 (output (x, y) samples
@@ -193,6 +210,9 @@ def warp_bilinear(images, transforms, out_size: int | None = None):
         images: [B, S, S, C] float32.
         transforms: [B, 8] float32 (the last two, projective, must be 0).
         out_size: output side O; None = S.
+        displacements: None, or [B, G, G, 2] float32 (x, y) input-pixel shifts at a
+            G x G grid over the output, interpolated bilinearly to every output pixel
+            and added to the transform's sampling positions (elastic deformation).
 
     Returns:
         [B, O, O, C] float32.
@@ -203,6 +223,9 @@ def warp_bilinear(images, transforms, out_size: int | None = None):
     t = transforms[:, :, None, None]
     src_x = t[:, 0] * xx + t[:, 1] * yy + t[:, 2]
     src_y = t[:, 3] * xx + t[:, 4] * yy + t[:, 5]
+    if displacements is not None:
+        field = tf.image.resize(displacements, (out_size or size, out_size or size))
+        src_x, src_y = src_x + field[..., 0], src_y + field[..., 1]
     x0, y0 = tf.floor(src_x), tf.floor(src_y)
     wx, wy = (src_x - x0)[..., None], (src_y - y0)[..., None]
     # A one-pixel zero border: indices clamped into it read zeros.
@@ -249,7 +272,8 @@ def augment(batch, params, config, normalization: str = "scale", crop_size: int 
     Args:
         batch: {"image": [B, S, S, 3] uint8, "mask": [B, S, S, 1] uint8 in {0, 1}, and
             for "volume" normalisation "norm": [B, 2, 3] the slices' volume statistics}.
-        params: {"transform": [B, 8], "gain": [B, 3], "gamma": [B, 3]} float32.
+        params: {"transform": [B, 8], "gain": [B, 3], "gamma": [B, 3] and optionally
+            "displacement": [B, G, G, 2]} float32 (`augment_params`, batched).
         config: `config.augment` (geometry off: the warp is skipped).
         normalization: `data.normalization` (see `normalize`).
         crop_size: output side C, as given to `augment_params`; None = S.
@@ -258,8 +282,15 @@ def augment(batch, params, config, normalization: str = "scale", crop_size: int 
         {"image": [B, C, C, 3] float32 model input, "mask": [B, C, C, 1] uint8}.
     """
     slices = tf.cast(tf.concat([batch["image"], batch["mask"]], axis=-1), tf.float32)
-    if config.flip or config.rotate_degrees or config.scale or crop_size:
-        slices = _warp_xla(slices, params["transform"], crop_size)
+    displacement = params.get("displacement")
+    if (
+        config.flip
+        or config.rotate_degrees
+        or config.scale
+        or crop_size
+        or displacement is not None
+    ):
+        slices = _warp_xla(slices, params["transform"], crop_size, displacement)
     # With intensity 0 the drawn gains are exactly 1 (see augment_params).
     gamma = params["gamma"] if config.gamma else None
     return _finish_xla(slices, params["gain"], normalization, gamma, batch.get("norm"))

@@ -250,3 +250,26 @@ def test_volume_normalisation_standardises_each_patient_whatever_its_gain(tiny_d
         assert np.abs(every_slice - x).max(axis=(1, 2)).min() < 1e-5
     with pytest.raises(ValueError, match="needs the volume's statistics"):
         input_pipeline.normalize(np.zeros((4, 4, 3)), "volume")
+
+
+def test_elastic_deformation_bends_image_and_mask_together():
+    image = np.zeros((4, 64, 64, 3), np.uint8)
+    image[:, 16:48, 20:44] = 200
+    mask = (image[..., :1] > 0).astype(np.uint8)
+    aug = ml_collections.ConfigDict(
+        dict(flip=False, rotate_degrees=0.0, scale=0.0, intensity=0.0, gamma=0.0, elastic=0.05)
+    )
+    params = [input_pipeline.augment_params(tf.constant([s, 7]), 64, aug) for s in range(4)]
+    shifts = np.stack([p["displacement"].numpy() for p in params])
+    assert shifts.shape == (4, input_pipeline.ELASTIC_GRID, input_pipeline.ELASTIC_GRID, 2)
+    np.testing.assert_allclose(shifts.std(), 0.05 * 64, rtol=0.25)  # std = elastic x side
+    params = {k: tf.stack([p[k] for p in params]) for k in params[0]}
+    out = input_pipeline.augment({"image": image, "mask": mask}, params, aug)
+    m, im = out["mask"].numpy()[..., 0], 255 * out["image"].numpy()[..., 0]
+    for i in range(4):
+        assert (m[i] != mask[i, ..., 0]).sum() > 20  # the square is bent ...
+        assert abs(int(m[i].sum()) - int(mask[i].sum())) < 0.2 * mask[i].sum()  # ... not lost
+        assert np.mean((im[i] > 100) == (m[i] > 0)) > 0.98  # and its mask follows it
+    # Off (the default), the draw has no displacement and the warp is skipped.
+    aug.elastic = 0.0
+    assert "displacement" not in input_pipeline.augment_params(tf.constant([0, 7]), 64, aug)
