@@ -117,8 +117,9 @@ def _write_prediction(path, image, mask, tumor_prob, base, out_dir) -> dict:
     }
 
 
-def _read_folder(paths, config, rows) -> list[tuple]:
-    """Reads one folder's slices into model inputs; unusable files become error rows.
+def _read_slices(paths, config, rows) -> list[tuple]:
+    """Reads slices into model inputs ("volume" statistics: over all of `paths`, one
+    patient's folder); unusable files become error rows.
 
     Returns:
         (path, image [H, W, 3] uint8 as read, model input [S, S, 3] float32) of each
@@ -165,11 +166,16 @@ def predict(config, workdir: str) -> list[dict]:
     os.makedirs(out_dir, exist_ok=True)
     rows, batch_size = [], -(-config.eval.batch_size // jax.local_device_count())
     batch_size *= jax.local_device_count()
-    folders = {}  # a folder's slices together: "volume" statistics are per folder
-    for path in paths:
-        folders.setdefault(os.path.dirname(path), []).append(path)
-    for folder_paths in folders.values():
-        slices = _read_folder(folder_paths, config, rows)
+    if config.data.normalization == "volume":
+        # Statistics are per folder (one patient's volume): its slices are read together.
+        folders = {}
+        for path in paths:
+            folders.setdefault(os.path.dirname(path), []).append(path)
+        groups = list(folders.values())
+    else:  # a batch at a time, so any number of slices fits in memory
+        groups = [paths[i : i + batch_size] for i in range(0, len(paths), batch_size)]
+    for group in groups:
+        slices = _read_slices(group, config, rows)
         for start in range(0, len(slices), batch_size):
             chunk = slices[start : start + batch_size]
             padded, n = parallel.pad_batch({"image": np.stack([c[2] for c in chunk])}, batch_size)
