@@ -23,6 +23,10 @@ Three commands:
   python benchmarks/train_on_device.py train --pack=PACK --fold=0 \\
       --seconds=400 --out=fold0.npz
 
+  `--set FIELD=VALUE` (repeatable) overrides a field of the config, e.g.
+  `--set model.features=(32,64,128,256) --set augment.rotate_degrees=30`; the
+  overrides are stored with the weights and `export` applies them too.
+
 The weights file becomes a checkpoint that `--mode=eval` and `--mode=predict` restore
 with `export` (where TF is installed, to evaluate with the project's own evaluation):
 
@@ -31,6 +35,7 @@ with `export` (where TF is installed, to evaluate with the project's own evaluat
 """
 
 import argparse
+import ast
 import functools
 import glob
 import importlib
@@ -63,9 +68,34 @@ def _pack_patient(out: str, slices, fold_of: dict):
     )
 
 
-def _config(name: str):
-    """`get_config()` of configs/<name>.py."""
-    return importlib.import_module(f"configs.{name}").get_config()
+def _config(name: str, overrides=()):
+    """`get_config()` of configs/<name>.py with `FIELD=VALUE` overrides applied.
+
+    Values are Python literals (`model.features=(32,64,128,256)`, `augment.flip=False`);
+    a field the config lacks, or a value of another type, stops with one error.
+    """
+    import ml_collections
+
+    config = importlib.import_module(f"configs.{name}").get_config()
+    for item in overrides:
+        field, sep, text = item.partition("=")
+        try:
+            value = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            value = text  # a bare word: a string field such as loss=dice
+        *parents, leaf = field.split(".")
+        node = config
+        for part in parents:
+            node = node.get(part) if isinstance(node, ml_collections.ConfigDict) else None
+        try:
+            if not sep:
+                raise ValueError("expected FIELD=VALUE")
+            if not isinstance(node, ml_collections.ConfigDict) or leaf not in node:
+                raise KeyError(f"configs/{name}.py has no field {field}")
+            config.update_from_flattened_dict({field: value})
+        except (KeyError, TypeError, ValueError) as e:
+            raise SystemExit(f"--set {item}: {e.args[0] if e.args else e}") from None
+    return config
 
 
 def pack(data_dir: str, out_dir: str, config_name: str = "resunet"):
@@ -198,7 +228,7 @@ def train(args):
     if not paths:
         raise SystemExit(f"{args.pack}: no .npz files; write them with `pack` first")
     data = unpack(paths)
-    config = _config(args.config)
+    config = _config(args.config, args.set)
     config.data.image_size = data["images"].shape[1]
     config.data.fold = args.fold
     config.model.dtype = args.dtype
@@ -220,7 +250,7 @@ def train(args):
         raise SystemExit("data.tumor_fraction=None: this script samples at a set tumour fraction")
 
     def say(**row):
-        line = json.dumps({"fold": args.fold, **row})
+        line = json.dumps({"fold": args.fold, "out": os.path.basename(args.out), **row})
         print(line, flush=True)
         if args.log:
             with open(args.log, "a") as f:
@@ -297,6 +327,7 @@ def train(args):
         scores, best_step, best_ema = best
         meta = {
             "config": args.config,
+            "overrides": list(args.set),
             "image_size": config.data.image_size,
             "fold": args.fold,
             "steps": steps,
@@ -319,7 +350,7 @@ def train(args):
         os.replace(tmp, args.out)
         return meta
 
-    key = jax.random.key(1000 + args.fold)
+    key = jax.random.key(1000 * (config.seed + 1) + args.fold)
     # Compiled ahead, so that the wall-time budget is all training.
     step = step.lower(state, on_device, key, jnp.float32(0)).compile()
     warmup = config.optimizer.warmup_steps * 4
@@ -376,7 +407,7 @@ def export(args):
         raise SystemExit(f"{args.out}: already exists; export to a new --out (nothing written)")
     weights = np.load(args.weights)
     meta = json.loads(str(weights["meta"]))
-    config = _config(meta["config"])
+    config = _config(meta["config"], meta.get("overrides", ()))
     config.data.dir = args.data_dir
     config.data.image_size = meta["image_size"]
     config.data.fold = meta["fold"]
@@ -416,6 +447,13 @@ def main():
     a.add_argument("--pack", required=True, help="folder of pack's .npz files")
     a.add_argument("--config", default="resunet", help="configs/<name>.py: model, recipe")
     a.add_argument("--fold", type=int, default=0)
+    a.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="override a config field, e.g. model.features=(32,64,128,256); repeatable",
+    )
     a.add_argument("--seconds", type=float, default=400.0, help="training wall-time budget")
     a.add_argument("--val_seconds", type=float, default=30.0, help="validate this often")
     a.add_argument("--batch", type=int, default=32)

@@ -87,6 +87,7 @@ def test_train_on_device_packs_losslessly_trains_and_exports(tiny_data, tmp_path
         argparse.Namespace(
             pack=str(tmp_path / "pack"), config="tiny", fold=0, seconds=2.0, val_seconds=1.0,
             batch=4, lr=1e-3, dtype="float32", out=weights, log="",
+            set=["model.features=(8,16,16)"],  # one level deeper than configs/tiny.py
         )
     )  # fmt: skip
     meta = json.loads(str(np.load(weights)["meta"]))
@@ -102,3 +103,17 @@ def test_train_on_device_packs_losslessly_trains_and_exports(tiny_data, tmp_path
     np.testing.assert_array_equal(
         variables["params"]["head"]["kernel"], np.load(weights)["best.params.head.kernel"]
     )
+    assert "encoder2" in variables["params"]  # the override travelled to the export
+    assert saved["config"]["model"]["features"] == [8, 16, 16]
+
+
+def test_train_on_device_set_refuses_unknown_fields_and_wrong_types():
+    tod = _train_on_device()
+    config = tod._config("tiny", ["model.features=(8,16,16)", "augment.rotate_degrees=30"])
+    assert config.model.features == (8, 16, 16) and config.augment.rotate_degrees == 30.0
+    with pytest.raises(SystemExit, match="no field model.featurez"):
+        tod._config("tiny", ["model.featurez=(8,)"])
+    with pytest.raises(SystemExit, match="augment.flip=3"):
+        tod._config("tiny", ["augment.flip=3"])
+    with pytest.raises(SystemExit, match="expected FIELD=VALUE"):
+        tod._config("tiny", ["seed"])
