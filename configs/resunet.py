@@ -78,7 +78,7 @@ def get_config() -> ml_collections.ConfigDict:
     # 5 x 5 grid of control points, interpolated); 0 = off.
     config.augment.elastic = 0.0
 
-    config.loss = "dice_bce"  # focal_tversky (the seed's) | dice | bce | dice_bce
+    config.loss = "dice_bce"  # focal_tversky (the seed's) | dice | bce | dice_bce | slice_dice_bce
     config.detection_loss_weight = 0.5  # weight of the detection head's BCE
 
     config.optimizer = ml_collections.ConfigDict()

@@ -33,6 +33,30 @@ def test_soft_dice_by_hand_and_empty_masks():
     np.testing.assert_allclose(losses.soft_dice(jnp.full_like(logits, BIG), empty), 0.8, rtol=1e-6)
 
 
+def test_slice_dice_weighs_a_missed_small_lesion_like_a_large_one():
+    # Slice 0: a 60-pixel tumour, found. Slice 1: a 4-pixel lesion, missed.
+    masks = np.zeros((2, 10, 10, 1), np.float32)
+    masks[0, :6, :, 0] = 1
+    masks[1, :2, :2, 0] = 1
+    logits = jnp.where(jnp.asarray(masks) > 0, BIG, -BIG).at[1].set(-BIG)
+    # Per slice: 1 - (121/121 + 1/5) / 2 = 0.4; pooled: 1 - 121 / (120 + 4 + 1) ~ 0.03.
+    np.testing.assert_allclose(losses.slice_soft_dice(logits, masks), 0.4, rtol=1e-5)
+    assert losses.soft_dice(logits, masks) < 0.05
+    # An empty slice: 1 with no false positives, 1/(1+FP) with FP of them.
+    empty = jnp.zeros((1, 2, 2, 1))
+    np.testing.assert_allclose(
+        losses.slice_soft_dice(jnp.full_like(empty, -BIG), empty), 0.0, atol=1e-6
+    )
+    np.testing.assert_allclose(
+        losses.slice_soft_dice(jnp.full_like(empty, BIG), empty), 0.8, rtol=1e-6
+    )
+    np.testing.assert_allclose(
+        losses.slice_dice_bce(logits, masks),
+        losses.slice_soft_dice(logits, masks) + losses.binary_cross_entropy(logits, masks),
+        rtol=1e-6,
+    )
+
+
 def test_bce_by_hand():
     logits = jnp.zeros((1, 1, 2, 1))
     masks = jnp.array([[[[0.0], [1.0]]]])
