@@ -2,6 +2,7 @@
 
 Region losses (Tversky, Dice) pool all pixels of the batch, as the seed Keras model
 did: a batch without any tumour then contributes only through its false positives.
+`slice_soft_dice` instead averages each slice's Dice, so that small lesions count.
 
 Data parallelism: with `axis_name`, every sum runs over the whole global batch, so
 each device gets the loss of the global batch, while its gradient is only its own
