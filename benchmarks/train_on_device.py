@@ -238,6 +238,7 @@ def train(args):
     unsupported = {
         "data.normalization": (config.data.normalization, "scale"),
         "data.crop_size": (config.data.crop_size, None),
+        "data.context_slices": (config.data.context_slices, 0),
         "data.tumor_area_weight": (config.data.tumor_area_weight, 0.0),
         "augment.elastic": (config.augment.elastic, 0.0),
         "model.detection_head": (config.model.detection_head, False),

@@ -51,6 +51,9 @@ def get_config() -> ml_collections.ConfigDict:
     # "scale": x/255; "slice": per-slice z-score; "volume": each channel z-scored by
     # its patient's brain-pixel mean and std (prediction: the slices of one folder).
     config.data.normalization = "scale"
+    # 2.5-D input: each slice with its k neighbours on either side (of the same volume;
+    # the end slice repeats past the ends) as 3(2k + 1) channels; 0 = the slice alone.
+    config.data.context_slices = 0
     config.data.shuffle_buffer = 1024
     # Share of training slices drawn from slices with tumour; None = natural (~35%).
     config.data.tumor_fraction = 0.5

@@ -39,7 +39,9 @@ COMPARED_METRICS = (
 
 # Config fields that define what a checkpoint's model expects; evaluation takes them
 # from the checkpoint, not from the command line.
-MODEL_FIELDS = ("model", "data.image_size", "data.normalization")
+MODEL_FIELDS = ("model", "data.image_size", "data.normalization", "data.context_slices")
+# Values of fields added since the first checkpoints, for checkpoints saved without them.
+_SAVED_BEFORE = {"data.context_slices": 0}
 
 
 class Evaluator:
@@ -47,7 +49,8 @@ class Evaluator:
 
     Args:
         source: the prepared data source.
-        config: run config (model, data.image_size, data.normalization, eval.batch_size).
+        config: run config (model, data.image_size, data.normalization,
+            data.context_slices, eval.batch_size).
         patient_ids: patients to evaluate.
     """
 
@@ -181,6 +184,8 @@ def checkpoint_config(config: ml_collections.ConfigDict, meta: dict):
             dst, src = config, saved
             for p in parents:
                 dst, src = dst[p], src[p]
+            if leaf not in src:
+                src = {leaf: _SAVED_BEFORE[field]}
             wanted, saved_value = _plain(dst[leaf]), _plain(src[leaf])
             if wanted is not None and wanted != saved_value:
                 logging.warning(

@@ -1,7 +1,7 @@
 """tf.data input pipelines over prepared LGG data (the only module besides data/ using TF).
 
-Train: patients → cache (resized uint8) → repeat → shuffle (or tumour-weighted
-sampling) → per-process shard → draw each slice's augmentation → batch → augment and
+Train: patients → cache (resized uint8) → neighbouring slices as channels (2.5-D,
+optional) → repeat → shuffle (or tumour-weighted sampling) → per-process shard → draw each slice's augmentation → batch → augment and
 normalise the batch → `[local_devices, per_device_batch, H, W, C]`.
 Eval: every slice of the chosen patients once (TFDS order, not slice order: consumers
 group by patient id and slice index), cached after resizing, in batches the evaluator
@@ -51,7 +51,7 @@ def resize_example(example, image_size: int):
 
 
 def normalize(image, method: str = "scale", stats=None):
-    """uint8 (or float in [0, 255]) [..., H, W, 3] → float32 model input.
+    """uint8 (or float in [0, 255]) [..., H, W, 3k] → float32 model input.
 
     "scale": x / 255. "slice": each channel of each slice standardised to zero mean,
     unit variance. "volume": each channel standardised by the mean and standard
@@ -59,7 +59,7 @@ def normalize(image, method: str = "scale", stats=None):
     as bright as it is relative to that patient's brain, whatever the scanner's gain.
 
     Args:
-        image: [..., H, W, 3].
+        image: [..., H, W, 3k]: k slices' three channels (k > 1: `add_context`).
         method: `data.normalization`.
         stats: "volume" only: [..., 2, 3] per-channel (mean, std) of the image's volume.
     """
@@ -73,6 +73,8 @@ def normalize(image, method: str = "scale", stats=None):
         if stats is None:
             raise ValueError("data.normalization='volume' needs the volume's statistics")
         stats = tf.cast(stats, tf.float32)
+        # Context slices (`add_context`) repeat the three channels: so do their stats.
+        stats = tf.concat([stats] * (image.shape[-1] // 3), axis=-1)
         return (image - stats[..., 0:1, None, :]) / stats[..., 1:2, None, :]
     raise ValueError(f"unknown data.normalization {method!r}; use 'scale', 'slice' or 'volume'")
 
@@ -136,6 +138,81 @@ def _add_volume_stats(ds: tf.data.Dataset, patient_ids) -> tf.data.Dataset:
         sums[i] += moments
     table = tf.constant(np.stack([volume_stats(m) for m in sums]))
     return ds.map(lambda ex: dict(ex, norm=tf.gather(table, index(ex))))
+
+
+def context_rows(patients, positions, k: int) -> np.ndarray:
+    """Which slices make up each slice's 2.5-D input: itself and k neighbours per side.
+
+    Neighbours are the adjacent slices of the same patient in slice order; beyond the
+    first or last slice the end slice repeats, so every slice gets 2k + 1.
+
+    Args:
+        patients: [N] the slices' patient keys, in any order.
+        positions: [N] the slices' positions along the axis (slice index).
+        k: neighbours per side (`data.context_slices`).
+
+    Returns:
+        [N, 2k + 1] int64 rows into the N slices, offsets -k..k (column k is the slice).
+    """
+    patients, positions = np.asarray(patients), np.asarray(positions)
+    rows = np.empty([len(patients), 2 * k + 1], np.int64)
+    for patient in np.unique(patients):
+        members = np.flatnonzero(patients == patient)
+        members = members[np.argsort(positions[members], kind="stable")]
+        at = np.arange(len(members))
+        for offset in range(-k, k + 1):
+            rows[members, offset + k] = members[np.clip(at + offset, 0, len(members) - 1)]
+    return rows
+
+
+def stack_context(images, rows):
+    """Gathers each slice's context into channels (numpy or TF).
+
+    Args:
+        images: [N, S, S, 3] the slices.
+        rows: [..., 2k + 1] `context_rows`.
+
+    Returns:
+        [..., S, S, 3(2k + 1)]: slice -k's three channels first, the slice's own in the
+        middle (channels 3k..3k+2).
+    """
+    if isinstance(images, np.ndarray):
+        stack = images[rows]
+        stack = np.moveaxis(stack, -4, -2)
+        return stack.reshape(*stack.shape[:-2], -1)
+    stack = tf.gather(images, rows)  # [..., 2k+1, S, S, 3]
+    rank = len(stack.shape)
+    stack = tf.transpose(stack, [*range(rank - 4), rank - 3, rank - 2, rank - 4, rank - 1])
+    return tf.reshape(stack, [*stack.shape[:-2], stack.shape[-2] * stack.shape[-1]])
+
+
+def add_context(ds: tf.data.Dataset, k: int) -> tf.data.Dataset:
+    """2.5-D input: each "image" [S, S, 3] becomes [S, S, 3(2k + 1)] (`stack_context`).
+
+    A tumour's extent along the axis tells a lesion margin from a vessel or artefact
+    that a single slice cannot. One pass over `ds` (cached, in a fixed order, with
+    "patient_id" and "slice_index") reads every slice; each element then gathers its
+    neighbours by its position in that order.
+
+    Args:
+        ds: resized examples, the same order on every pass.
+        k: `data.context_slices`; 0 returns `ds` unchanged.
+    """
+    if not k:
+        return ds
+    images, patients, positions = [], [], []
+    keys = ds.map(lambda ex: (ex["image"], ex["patient_id"], ex["slice_index"]))
+    for image, patient, position in keys.as_numpy_iterator():
+        images.append(image)
+        patients.append(patient)
+        positions.append(position)
+    if not images:
+        return ds
+    table = tf.constant(np.stack(images))
+    rows = tf.constant(context_rows(patients, positions, k))
+    return ds.enumerate().map(
+        lambda i, ex: dict(ex, image=stack_context(table, rows[i])), tf.data.AUTOTUNE
+    )
 
 
 # Control points per side of the elastic displacement field: coarse, so the field bends
@@ -242,10 +319,16 @@ def warp_bilinear(images, transforms, out_size: int | None = None, displacements
 
 
 def _finish(slices, gain, normalization: str, gamma=None, stats=None):
-    """[B, S, S, 4] float (image channels, mask) → gained (and gamma-corrected),
-    normalised image (`stats` [B, 2, 3]: "volume" statistics); binary mask."""
-    image = tf.clip_by_value(slices[..., :3] * gain[:, None, None, :], 0.0, 255.0)
+    """[B, S, S, 3k + 1] float (image channels, mask) → gained (and gamma-corrected),
+    normalised image (`stats` [B, 2, 3]: "volume" statistics); binary mask.
+
+    The [B, 3] gains and gammas act on every context slice's channels alike: the
+    slices of one volume share a scanner's contrast."""
+    repeats = (slices.shape[-1] - 1) // 3
+    gain = tf.concat([gain] * repeats, axis=-1)
+    image = tf.clip_by_value(slices[..., :-1] * gain[:, None, None, :], 0.0, 255.0)
     if gamma is not None:
+        gamma = tf.concat([gamma] * repeats, axis=-1)
         # 255 (x/255)^γ keeps black and white and moves the mid-tones: contrast
         # between tissues changes as it does between scanners and protocols. Written
         # as exp(γ log x) because XLA's CPU pow is several times slower (the pipeline
@@ -253,7 +336,7 @@ def _finish(slices, gain, normalization: str, gamma=None, stats=None):
         image = 255.0 * tf.exp(gamma[:, None, None, :] * tf.math.log(image / 255.0))
     return {
         "image": normalize(image, normalization, stats),
-        "mask": tf.cast(slices[..., 3:] >= 0.5, tf.uint8),
+        "mask": tf.cast(slices[..., -1:] >= 0.5, tf.uint8),
     }
 
 
@@ -270,7 +353,8 @@ def augment(batch, params, config, normalization: str = "scale", crop_size: int 
     so they stay aligned and the mask binary.
 
     Args:
-        batch: {"image": [B, S, S, 3] uint8, "mask": [B, S, S, 1] uint8 in {0, 1}, and
+        batch: {"image": [B, S, S, 3k] uint8 (k = 2 data.context_slices + 1), "mask":
+            [B, S, S, 1] uint8 in {0, 1}, and
             for "volume" normalisation "norm": [B, 2, 3] the slices' volume statistics}.
         params: {"transform": [B, 8], "gain": [B, 3], "gamma": [B, 3] and optionally
             "displacement": [B, G, G, 2]} float32 (`augment_params`, batched).
@@ -279,7 +363,7 @@ def augment(batch, params, config, normalization: str = "scale", crop_size: int 
         crop_size: output side C, as given to `augment_params`; None = S.
 
     Returns:
-        {"image": [B, C, C, 3] float32 model input, "mask": [B, C, C, 1] uint8}.
+        {"image": [B, C, C, 3k] float32 model input, "mask": [B, C, C, 1] uint8}.
     """
     slices = tf.cast(tf.concat([batch["image"], batch["mask"]], axis=-1), tf.float32)
     displacement = params.get("displacement")
@@ -331,8 +415,9 @@ def create_train_dataset(
         seed: shuffling and augmentation seed; the stream is a pure function of it.
 
     Returns:
-        Dataset of {"image": float32 [D, b, C, C, 3], "mask": uint8 [D, b, C, C, 1]},
-        D = local devices, b = per_process_batch / D, C = data.crop_size (else S).
+        Dataset of {"image": float32 [D, b, C, C, 3k], "mask": uint8 [D, b, C, C, 1]},
+        D = local devices, b = per_process_batch / D, C = data.crop_size (else S),
+        k = 2 data.context_slices + 1.
     """
     devices = jax.local_device_count()
     if per_process_batch % devices:
@@ -342,10 +427,12 @@ def create_train_dataset(
         )
     ds = _select_patients(builder.as_dataset(split=lgg.SPLIT, shuffle_files=False), patient_ids)
     ds = ds.map(lambda ex: resize_example(ex, config.data.image_size), tf.data.AUTOTUNE)
-    ds = ds.map(lambda ex: {k: ex[k] for k in ("image", "mask", "patient_id")}).cache()
+    keep = ("image", "mask", "patient_id", "slice_index")
+    ds = ds.map(lambda ex: {k: ex[k] for k in keep}).cache()
     if config.data.normalization == "volume":
         ds = _add_volume_stats(ds, patient_ids)
-    ds = ds.map(lambda ex: {k: v for k, v in ex.items() if k != "patient_id"})
+    ds = add_context(ds, config.data.context_slices)
+    ds = ds.map(lambda ex: {k: v for k, v in ex.items() if k not in ("patient_id", "slice_index")})
     fraction = config.data.tumor_fraction
     if fraction is not None:
         # Both kinds must exist, else sampling from an empty stream would never return.
@@ -411,7 +498,8 @@ def create_eval_dataset(builder, patient_ids, config, batch_size: int) -> tf.dat
     """Every slice of `patient_ids` once, cached after resizing.
 
     Returns:
-        Dataset of {"image": float32 [b, S, S, 3], "mask": uint8 [b, S, S, 1],
+        Dataset of {"image": float32 [b, S, S, 3k] (k = 2 data.context_slices + 1),
+        "mask": uint8 [b, S, S, 1],
         "display": uint8 [b, S, S, 3] (the resized slice before normalisation),
         "original_mask": uint8 [b, H, W, 1] (the mask as read; slices smaller than the
         batch's largest are zero-padded right and below), "patient_id": string [b],
@@ -426,11 +514,10 @@ def create_eval_dataset(builder, patient_ids, config, batch_size: int) -> tf.dat
     ds = ds.cache()
     if config.data.normalization == "volume":
         ds = _add_volume_stats(ds, patient_ids)
+    ds = add_context(ds.map(lambda ex: dict(ex, display=ex["image"])), config.data.context_slices)
     ds = ds.map(
         lambda ex: dict(
-            ex,
-            image=normalize(ex["image"], config.data.normalization, ex.get("norm")),
-            display=ex["image"],
+            ex, image=normalize(ex["image"], config.data.normalization, ex.get("norm"))
         ),
         tf.data.AUTOTUNE,
     )

@@ -132,6 +132,12 @@ class ResUNet(nn.Module):
         return {"mask": logits, "tumor": tumor.astype(jnp.float32)}
 
 
+def input_channels(data_config) -> int:
+    """Channels of the model input: three (FLAIR, pre- and post-contrast) per slice, and
+    per context slice (`data.context_slices` on either side)."""
+    return 3 * (2 * data_config.get("context_slices", 0) + 1)
+
+
 def create_model(model_config, axis_name: str | None = "batch") -> ResUNet:
     """Builds the ResUNet from `config.model` (an ml_collections.ConfigDict or dict)."""
     return ResUNet(

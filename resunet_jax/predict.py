@@ -5,7 +5,9 @@ files are ground truth and skipped). Each slice is brought to the model's input 
 training saw it: 1-channel images are replicated to 3 channels, 16-bit and float images
 rescaled to 0..255, any size resized to `data.image_size`; a model trained with
 "volume" normalisation takes its statistics from all readable slices of the slice's
-folder (one folder = one patient's volume). The predicted mask is resized back to the
+folder (one folder = one patient's volume), and a 2.5-D model (`data.context_slices`)
+its neighbouring slices from the readable slices of the folder in natural order
+(`x_2.tif` before `x_10.tif`). The predicted mask is resized back to the
 slice's own size. A file that cannot be used gets one error line naming it
 and a row in predictions.csv; the other files are still processed.
 """
@@ -118,11 +120,11 @@ def _write_prediction(path, image, mask, tumor_prob, base, out_dir) -> dict:
 
 
 def _read_slices(paths, config, rows) -> list[tuple]:
-    """Reads slices into model inputs ("volume" statistics: over all of `paths`, one
-    patient's folder); unusable files become error rows.
+    """Reads slices into model inputs ("volume" statistics and context slices: over all
+    of `paths`, one patient's folder in slice order); unusable files become error rows.
 
     Returns:
-        (path, image [H, W, 3] uint8 as read, model input [S, S, 3] float32) of each
+        (path, image [H, W, 3] uint8 as read, model input [S, S, C] float32) of each
         readable file.
     """
     read = []
@@ -145,6 +147,10 @@ def _read_slices(paths, config, rows) -> list[tuple]:
     if config.data.normalization == "volume":
         moments = np.asarray(input_pipeline.slice_moments(resized)).sum(axis=0)
         stats = input_pipeline.volume_stats(moments)
+    k = config.data.context_slices
+    if k:  # the folder's slices in natural order are the volume's axis
+        rows = input_pipeline.context_rows(np.zeros(len(read)), np.arange(len(read)), k)
+        resized = input_pipeline.stack_context(resized, rows)
     model_in = np.asarray(input_pipeline.normalize(resized, config.data.normalization, stats))
     return [(path, image, x) for (path, image, _), x in zip(read, model_in, strict=True)]
 
@@ -166,8 +172,9 @@ def predict(config, workdir: str) -> list[dict]:
     os.makedirs(out_dir, exist_ok=True)
     rows, batch_size = [], -(-config.eval.batch_size // jax.local_device_count())
     batch_size *= jax.local_device_count()
-    if config.data.normalization == "volume":
-        # Statistics are per folder (one patient's volume): its slices are read together.
+    if config.data.normalization == "volume" or config.data.context_slices:
+        # Statistics and neighbouring slices are per folder (one patient's volume): its
+        # slices are read together.
         folders = {}
         for path in paths:
             folders.setdefault(os.path.dirname(path), []).append(path)

@@ -69,10 +69,11 @@ def create_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransfo
 
 
 def create_train_state(rng, config: ml_collections.ConfigDict, model) -> TrainState:
-    """Initialises parameters and BatchNorm statistics for [1, S, S, 3] inputs."""
-    size = config.data.image_size
+    """Initialises parameters and BatchNorm statistics for [1, S, S, C] inputs
+    (C = `models.input_channels`)."""
+    shape = (1, config.data.image_size, config.data.image_size, models.input_channels(config.data))
     # Initialise outside pmap: BatchNorm in eval mode needs no axis name.
-    variables = model.init(rng, jnp.zeros((1, size, size, 3), jnp.float32), train=False)
+    variables = model.init(rng, jnp.zeros(shape, jnp.float32), train=False)
     return TrainState.create(
         apply_fn=model.apply,
         params=variables["params"],
