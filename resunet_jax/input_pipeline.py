@@ -1,8 +1,9 @@
 """tf.data input pipelines over prepared LGG data (the only module besides data/ using TF).
 
 Train: patients → cache (resized uint8) → neighbouring slices as channels (2.5-D,
-optional) → repeat → shuffle (or tumour-weighted sampling) → per-process shard → draw each slice's augmentation → batch → augment and
-normalise the batch → `[local_devices, per_device_batch, H, W, C]`.
+optional) → repeat → shuffle (or tumour-weighted sampling) → per-process shard → draw
+each slice's augmentation → batch → augment and normalise the batch →
+`[local_devices, per_device_batch, H, W, C]`.
 Eval: every slice of the chosen patients once (TFDS order, not slice order: consumers
 group by patient id and slice index), cached after resizing, in batches the evaluator
 pads to the device count.

@@ -273,3 +273,63 @@ def test_elastic_deformation_bends_image_and_mask_together():
     # Off (the default), the draw has no displacement and the warp is skipped.
     aug.elastic = 0.0
     assert "displacement" not in input_pipeline.augment_params(tf.constant([0, 7]), 64, aug)
+
+
+def test_context_rows_are_the_same_patients_neighbours_in_slice_order():
+    patients = ["b", "a", "a", "b", "a"]
+    positions = [2, 10, 2, 1, 3]  # a: rows 2, 4, 1 in order; b: rows 3, 0
+    rows = input_pipeline.context_rows(patients, positions, 1)
+    np.testing.assert_array_equal(rows, [[3, 0, 0], [4, 1, 1], [2, 2, 4], [3, 3, 0], [2, 4, 1]])
+    # Beyond either end the end slice repeats.
+    np.testing.assert_array_equal(
+        input_pipeline.context_rows(patients, positions, 2)[4], [2, 2, 4, 1, 1]
+    )
+    np.testing.assert_array_equal(
+        input_pipeline.context_rows(patients, positions, 0), [[0], [1], [2], [3], [4]]
+    )
+
+
+def test_stack_context_puts_each_slice_in_the_middle_the_same_in_numpy_and_tf():
+    images = np.random.default_rng(0).integers(0, 256, (4, 5, 5, 3), np.uint8)
+    rows = np.array([[0, 1, 2], [3, 3, 1]])
+    stacked = input_pipeline.stack_context(images, rows)
+    assert stacked.shape == (2, 5, 5, 9)
+    np.testing.assert_array_equal(stacked[1, ..., 0:3], images[3])
+    np.testing.assert_array_equal(stacked[1, ..., 3:6], images[3])
+    np.testing.assert_array_equal(stacked[1, ..., 6:9], images[1])
+    as_tf = input_pipeline.stack_context(tf.constant(images), tf.constant(rows)).numpy()
+    np.testing.assert_array_equal(as_tf, stacked)
+    one = input_pipeline.stack_context(tf.constant(images), tf.constant(rows[0])).numpy()
+    np.testing.assert_array_equal(one, stacked[0])
+
+
+def test_context_slices_add_the_neighbours_channels_around_the_slice(tiny_data, tmp_path):
+    builder = _builder(tiny_data, tmp_path)
+    ids = lgg.patient_ids(lgg.discover(tiny_data))
+    flat, context = _config(), _config()
+    context.data.context_slices = 1
+    # Training draws the same slices and augmentations: the middle channels are the 2-D
+    # pipeline's image (gains and gammas apply to every context slice alike).
+    batches = [
+        next(
+            input_pipeline.as_numpy(input_pipeline.create_train_dataset(builder, ids[:4], c, 8, 0))
+        )
+        for c in (flat, context)
+    ]
+    assert batches[1]["image"].shape[-1] == 9
+    np.testing.assert_allclose(batches[1]["image"][..., 3:6], batches[0]["image"], atol=1e-5)
+    np.testing.assert_array_equal(batches[1]["mask"], batches[0]["mask"])
+    # Evaluation: channels 0-2 hold the previous slice of the same patient, 6-8 the next.
+    (batch,) = input_pipeline.as_numpy(
+        input_pipeline.create_eval_dataset(builder, ids[:2], context, 64)
+    )
+    assert batch["display"].shape[-1] == 3
+    for p in ids[:2]:
+        mine = batch["patient_id"] == p
+        order = np.argsort(batch["slice_index"][mine])
+        x = batch["image"][mine][order]
+        np.testing.assert_allclose(x[..., 3:6], batch["display"][mine][order] / 255.0, atol=1e-6)
+        np.testing.assert_array_equal(x[1:, ..., 0:3], x[:-1, ..., 3:6])
+        np.testing.assert_array_equal(x[:-1, ..., 6:9], x[1:, ..., 3:6])
+        np.testing.assert_array_equal(x[0, ..., 0:3], x[0, ..., 3:6])  # the ends repeat
+        np.testing.assert_array_equal(x[-1, ..., 6:9], x[-1, ..., 3:6])

@@ -138,3 +138,30 @@ def test_volume_normalised_model_predicts_a_folder_the_same_at_any_gain(tmp_path
     config.predict.input = str(tmp_path / "in" / "dim" / "s_0.tif")
     (alone,) = predict.predict(config, str(tmp_path / "work2"))
     assert alone["tumor_probability"] != pytest.approx(probs["dim/s_0.tif"], abs=1e-6)
+
+
+def test_context_model_takes_neighbours_from_the_folder_in_natural_order(tmp_path):
+    """A 2.5-D model (data.context_slices=1) sees each slice with the slices before and
+    after it in its folder: s_2 and s_10 are neighbours, s_1 and s_10 are not."""
+    config = tiny.get_config()
+    config.data.context_slices = 1
+    state = train.create_train_state(jax.random.key(0), config, models.create_model(config.model))
+    assert state.params["stem_conv1"]["kernel"].shape[2] == 9
+    meta = {"step": 0, "config": checkpointing.config_json(config)}
+    checkpointing.export_model(
+        str(tmp_path / "model"), {"params": state.params, "batch_stats": state.batch_stats}, meta
+    )
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (4, 32, 32, 3), np.uint8)
+    for folder, last in (("a", images[2]), ("b", images[3])):  # only s_10 differs
+        os.makedirs(tmp_path / "in" / folder)
+        for name, image in (("s_1", images[0]), ("s_2", images[1]), ("s_10", last)):
+            tifffile.imwrite(tmp_path / "in" / folder / f"{name}.tif", image)
+    config = tiny.get_config()  # context_slices comes from the checkpoint
+    config.checkpoint = str(tmp_path / "model")
+    config.predict.input = str(tmp_path / "in")
+    rows = predict.predict(config, str(tmp_path / "work"))
+    probs = {os.path.relpath(r["file"], tmp_path / "in"): r["tumor_probability"] for r in rows}
+    assert len(probs) == 6 and not any(r["error"] for r in rows)
+    assert probs["a/s_1.tif"] == pytest.approx(probs["b/s_1.tif"], abs=1e-6)
+    assert probs["a/s_2.tif"] != pytest.approx(probs["b/s_2.tif"], abs=1e-4)
