@@ -7,10 +7,11 @@ memory and each step draws its batch, augments it and trains in one compiled fun
 The step itself is the project's (`train.train_step`: loss, gradient clipping, Adam,
 BatchNorm and the weights' moving average); sampling and augmentation follow
 `input_pipeline.py` (tumour fraction, flip, rotation, zoom, per-channel gain and
-gamma). The learning rate warms up over steps and then follows a cosine over a fixed
-wall-time budget, so a run of any speed ends its schedule on time. Config fields it
-does not implement (per-slice normalisation, crops, area-weighted sampling, the detection
-head, optimizers other than Adam) stop it with an error rather than being ignored.
+gamma, 2.5-D context slices). The learning rate warms up over steps and then follows a
+cosine over a fixed wall-time budget, so a run of any speed ends its schedule on time.
+Config fields it does not implement (per-slice normalisation, crops, area-weighted
+sampling, the detection head, optimizers other than Adam) stop it with an error rather
+than being ignored.
 
 Three commands:
 
@@ -139,7 +140,7 @@ def unpack(paths) -> dict:
 
     Returns:
         {"images": [N, S, S, 3] uint8, "masks": [N, S, S, 1] uint8 in {0, 1},
-        "patient_id": [N] str, "fold": [N] int}.
+        "patient_id": [N] str, "slice_index": [N] int, "fold": [N] int}.
     """
     parts = []
     for path in paths:
@@ -153,6 +154,7 @@ def unpack(paths) -> dict:
                 "images": np.cumsum(delta, axis=2, dtype=np.uint8),
                 "masks": masks[..., None],
                 "patient_id": f["patient_id"],
+                "slice_index": f["slice_index"],
                 "fold": f["fold"],
             }
         )
@@ -164,12 +166,12 @@ def augment(key, images, masks, config):
 
     Args:
         key: PRNG key.
-        images: [B, S, S, 3] uint8.
+        images: [B, S, S, 3k] uint8 (k slices: `context.stack_context`).
         masks: [B, S, S, 1] uint8 in {0, 1}.
         config: `config.augment`.
 
     Returns:
-        {"image": [B, S, S, 3] float32 in [0, 1], "mask": [B, S, S, 1] uint8}.
+        {"image": [B, S, S, 3k] float32 in [0, 1], "mask": [B, S, S, 1] uint8}.
     """
     import jax
     import jax.numpy as jnp
@@ -195,10 +197,13 @@ def augment(key, images, masks, config):
     per_channel = jax.vmap(warp, in_axes=(2, None, None), out_axes=2)
     slices = jax.vmap(per_channel)(slices, src_y, src_x)
     i, g = config.intensity, config.gamma
+    # One gain and gamma per modality, shared by the context slices (one scanner).
+    repeats = images.shape[-1] // 3
     gain = jax.random.uniform(k_gain, (b, 1, 1, 3), minval=1 - i, maxval=1 + i)
     gamma = jnp.exp(jax.random.uniform(k_gamma, (b, 1, 1, 3), minval=-g, maxval=g))
-    image = jnp.clip(slices[..., :3] * gain / 255.0, 0.0, 1.0) ** gamma
-    return {"image": image, "mask": (slices[..., 3:] >= 0.5).astype(jnp.uint8)}
+    gain, gamma = jnp.tile(gain, repeats), jnp.tile(gamma, repeats)
+    image = jnp.clip(slices[..., :-1] * gain / 255.0, 0.0, 1.0) ** gamma
+    return {"image": image, "mask": (slices[..., -1:] >= 0.5).astype(jnp.uint8)}
 
 
 def _flatten(variables: dict, prefix: str) -> dict:
@@ -221,7 +226,7 @@ def train(args):
     import jax.numpy as jnp
     import optax
 
-    from resunet_jax import losses, metrics, models
+    from resunet_jax import context, losses, metrics, models
     from resunet_jax import train as train_lib
 
     paths = sorted(glob.glob(os.path.join(args.pack, "*.npz")))
@@ -238,7 +243,6 @@ def train(args):
     unsupported = {
         "data.normalization": (config.data.normalization, "scale"),
         "data.crop_size": (config.data.crop_size, None),
-        "data.context_slices": (config.data.context_slices, 0),
         "data.tumor_area_weight": (config.data.tumor_area_weight, 0.0),
         "augment.elastic": (config.augment.elastic, 0.0),
         "model.detection_head": (config.model.detection_head, False),
@@ -262,13 +266,16 @@ def train(args):
         raise SystemExit(f"{args.pack}: fold {args.fold} must hold some but not all patients")
     train_idx = np.flatnonzero(~val)
     has_tumor = data["masks"][train_idx].any(axis=(1, 2, 3))
+    # Each slice's 2.5-D context ([N, 1] = itself alone when data.context_slices is 0).
+    rows = context.context_rows(data["patient_id"], data["slice_index"], config.data.context_slices)
     on_device = {
         "images": jnp.asarray(data["images"]),
         "masks": jnp.asarray(data["masks"]),
+        "context": jnp.asarray(rows),
         "tumor_idx": jnp.asarray(train_idx[has_tumor]),
         "clean_idx": jnp.asarray(train_idx[~has_tumor]),
     }
-    val_images = jnp.asarray(data["images"][val])
+    val_images = jnp.asarray(context.stack_context(data["images"], rows[val]))
     val_masks = data["masks"][val]
     val_ids = data["patient_id"][val]
     say(train_slices=len(train_idx), val_slices=int(val.sum()), val_patients=len(set(val_ids)))
@@ -298,7 +305,8 @@ def train(args):
         t = data["tumor_idx"][jax.random.randint(k_t, (b,), 0, data["tumor_idx"].shape[0])]
         c = data["clean_idx"][jax.random.randint(k_c, (b,), 0, data["clean_idx"].shape[0])]
         idx = jnp.where(pick, t, c)
-        batch = augment(k_aug, data["images"][idx], data["masks"][idx], config.augment)
+        images = context.stack_context(data["images"], data["context"][idx])
+        batch = augment(k_aug, images, data["masks"][idx], config.augment)
         hyper = dict(state.opt_state.hyperparams, learning_rate=lr)
         state = state.replace(opt_state=state.opt_state._replace(hyperparams=hyper))
         # vmap over a leading axis of 1 names the "batch" axis that the step's

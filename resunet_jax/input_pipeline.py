@@ -16,6 +16,7 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
+from resunet_jax import context
 from resunet_jax.data import lgg
 
 # TF must never take GPU memory from JAX; the pipeline runs on the host CPU.
@@ -141,59 +142,13 @@ def _add_volume_stats(ds: tf.data.Dataset, patient_ids) -> tf.data.Dataset:
     return ds.map(lambda ex: dict(ex, norm=tf.gather(table, index(ex))))
 
 
-def context_rows(patients, positions, k: int) -> np.ndarray:
-    """Which slices make up each slice's 2.5-D input: itself and k neighbours per side.
-
-    Neighbours are the adjacent slices of the same patient in slice order; beyond the
-    first or last slice the end slice repeats, so every slice gets 2k + 1.
-
-    Args:
-        patients: [N] the slices' patient keys, in any order.
-        positions: [N] the slices' positions along the axis (slice index).
-        k: neighbours per side (`data.context_slices`).
-
-    Returns:
-        [N, 2k + 1] int64 rows into the N slices, offsets -k..k (column k is the slice).
-    """
-    patients, positions = np.asarray(patients), np.asarray(positions)
-    rows = np.empty([len(patients), 2 * k + 1], np.int64)
-    for patient in np.unique(patients):
-        members = np.flatnonzero(patients == patient)
-        members = members[np.argsort(positions[members], kind="stable")]
-        at = np.arange(len(members))
-        for offset in range(-k, k + 1):
-            rows[members, offset + k] = members[np.clip(at + offset, 0, len(members) - 1)]
-    return rows
-
-
-def stack_context(images, rows):
-    """Gathers each slice's context into channels (numpy or TF).
-
-    Args:
-        images: [N, S, S, 3] the slices.
-        rows: [..., 2k + 1] `context_rows`.
-
-    Returns:
-        [..., S, S, 3(2k + 1)]: slice -k's three channels first, the slice's own in the
-        middle (channels 3k..3k+2).
-    """
-    if isinstance(images, np.ndarray):
-        stack = images[rows]
-        stack = np.moveaxis(stack, -4, -2)
-        return stack.reshape(*stack.shape[:-2], -1)
-    stack = tf.gather(images, rows)  # [..., 2k+1, S, S, 3]
-    rank = len(stack.shape)
-    stack = tf.transpose(stack, [*range(rank - 4), rank - 3, rank - 2, rank - 4, rank - 1])
-    return tf.reshape(stack, [*stack.shape[:-2], stack.shape[-2] * stack.shape[-1]])
-
-
 def add_context(ds: tf.data.Dataset, k: int) -> tf.data.Dataset:
-    """2.5-D input: each "image" [S, S, 3] becomes [S, S, 3(2k + 1)] (`stack_context`).
+    """2.5-D input: each "image" [S, S, 3] becomes [S, S, 3(2k + 1)] (the layout of
+    `context.stack_context`).
 
-    A tumour's extent along the axis tells a lesion margin from a vessel or artefact
-    that a single slice cannot. One pass over `ds` (cached, in a fixed order, with
-    "patient_id" and "slice_index") reads every slice; each element then gathers its
-    neighbours by its position in that order.
+    One pass over `ds` (cached, in a fixed order, with "patient_id" and "slice_index")
+    reads every slice; each element then gathers its neighbours (`context.context_rows`)
+    by its position in that order.
 
     Args:
         ds: resized examples, the same order on every pass.
@@ -210,10 +165,13 @@ def add_context(ds: tf.data.Dataset, k: int) -> tf.data.Dataset:
     if not images:
         return ds
     table = tf.constant(np.stack(images))
-    rows = tf.constant(context_rows(patients, positions, k))
-    return ds.enumerate().map(
-        lambda i, ex: dict(ex, image=stack_context(table, rows[i])), tf.data.AUTOTUNE
-    )
+    rows = tf.constant(context.context_rows(patients, positions, k))
+
+    def add(i, ex):
+        stack = tf.transpose(tf.gather(table, rows[i]), [1, 2, 0, 3])  # [S, S, 2k+1, 3]
+        return dict(ex, image=tf.reshape(stack, [*stack.shape[:2], -1]))
+
+    return ds.enumerate().map(add, tf.data.AUTOTUNE)
 
 
 # Control points per side of the elastic displacement field: coarse, so the field bends

@@ -87,7 +87,8 @@ def test_train_on_device_packs_losslessly_trains_and_exports(tiny_data, tmp_path
         argparse.Namespace(
             pack=str(tmp_path / "pack"), config="tiny", fold=0, seconds=2.0, val_seconds=1.0,
             batch=4, lr=1e-3, dtype="float32", out=weights, log="",
-            set=["model.features=(8,16,16)"],  # one level deeper than configs/tiny.py
+            # One level deeper than configs/tiny.py, with 2.5-D input.
+            set=["model.features=(8,16,16)", "data.context_slices=1"],
         )
     )  # fmt: skip
     meta = json.loads(str(np.load(weights)["meta"]))
@@ -103,8 +104,10 @@ def test_train_on_device_packs_losslessly_trains_and_exports(tiny_data, tmp_path
     np.testing.assert_array_equal(
         variables["params"]["head"]["kernel"], np.load(weights)["best.params.head.kernel"]
     )
-    assert "encoder2" in variables["params"]  # the override travelled to the export
+    assert "encoder2" in variables["params"]  # the overrides travelled to the export
     assert saved["config"]["model"]["features"] == [8, 16, 16]
+    assert saved["config"]["data"]["context_slices"] == 1
+    assert variables["params"]["stem_conv1"]["kernel"].shape[2] == 9
 
 
 def test_train_on_device_set_refuses_unknown_fields_and_wrong_types():

@@ -275,34 +275,6 @@ def test_elastic_deformation_bends_image_and_mask_together():
     assert "displacement" not in input_pipeline.augment_params(tf.constant([0, 7]), 64, aug)
 
 
-def test_context_rows_are_the_same_patients_neighbours_in_slice_order():
-    patients = ["b", "a", "a", "b", "a"]
-    positions = [2, 10, 2, 1, 3]  # a: rows 2, 4, 1 in order; b: rows 3, 0
-    rows = input_pipeline.context_rows(patients, positions, 1)
-    np.testing.assert_array_equal(rows, [[3, 0, 0], [4, 1, 1], [2, 2, 4], [3, 3, 0], [2, 4, 1]])
-    # Beyond either end the end slice repeats.
-    np.testing.assert_array_equal(
-        input_pipeline.context_rows(patients, positions, 2)[4], [2, 2, 4, 1, 1]
-    )
-    np.testing.assert_array_equal(
-        input_pipeline.context_rows(patients, positions, 0), [[0], [1], [2], [3], [4]]
-    )
-
-
-def test_stack_context_puts_each_slice_in_the_middle_the_same_in_numpy_and_tf():
-    images = np.random.default_rng(0).integers(0, 256, (4, 5, 5, 3), np.uint8)
-    rows = np.array([[0, 1, 2], [3, 3, 1]])
-    stacked = input_pipeline.stack_context(images, rows)
-    assert stacked.shape == (2, 5, 5, 9)
-    np.testing.assert_array_equal(stacked[1, ..., 0:3], images[3])
-    np.testing.assert_array_equal(stacked[1, ..., 3:6], images[3])
-    np.testing.assert_array_equal(stacked[1, ..., 6:9], images[1])
-    as_tf = input_pipeline.stack_context(tf.constant(images), tf.constant(rows)).numpy()
-    np.testing.assert_array_equal(as_tf, stacked)
-    one = input_pipeline.stack_context(tf.constant(images), tf.constant(rows[0])).numpy()
-    np.testing.assert_array_equal(one, stacked[0])
-
-
 def test_context_slices_add_the_neighbours_channels_around_the_slice(tiny_data, tmp_path):
     builder = _builder(tiny_data, tmp_path)
     ids = lgg.patient_ids(lgg.discover(tiny_data))
