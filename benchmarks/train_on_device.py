@@ -166,12 +166,12 @@ def augment(key, images, masks, config):
 
     Args:
         key: PRNG key.
-        images: [B, S, S, 3k] uint8 (k slices: `context.stack_context`).
+        images: [B, S, S, 3n] uint8 (n slices: `context.stack_context`).
         masks: [B, S, S, 1] uint8 in {0, 1}.
         config: `config.augment`.
 
     Returns:
-        {"image": [B, S, S, 3k] float32 in [0, 1], "mask": [B, S, S, 1] uint8}.
+        {"image": [B, S, S, 3n] float32 in [0, 1], "mask": [B, S, S, 1] uint8}.
     """
     import jax
     import jax.numpy as jnp

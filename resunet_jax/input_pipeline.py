@@ -53,7 +53,7 @@ def resize_example(example, image_size: int):
 
 
 def normalize(image, method: str = "scale", stats=None):
-    """uint8 (or float in [0, 255]) [..., H, W, 3k] → float32 model input.
+    """uint8 (or float in [0, 255]) [..., H, W, 3n] → float32 model input.
 
     "scale": x / 255. "slice": each channel of each slice standardised to zero mean,
     unit variance. "volume": each channel standardised by the mean and standard
@@ -61,7 +61,7 @@ def normalize(image, method: str = "scale", stats=None):
     as bright as it is relative to that patient's brain, whatever the scanner's gain.
 
     Args:
-        image: [..., H, W, 3k]: k slices' three channels (k > 1: `add_context`).
+        image: [..., H, W, 3n]: n slices' three channels (n > 1: `add_context`).
         method: `data.normalization`.
         stats: "volume" only: [..., 2, 3] per-channel (mean, std) of the image's volume.
     """
@@ -278,7 +278,7 @@ def warp_bilinear(images, transforms, out_size: int | None = None, displacements
 
 
 def _finish(slices, gain, normalization: str, gamma=None, stats=None):
-    """[B, S, S, 3k + 1] float (image channels, mask) → gained (and gamma-corrected),
+    """[B, S, S, 3n + 1] float (n slices' image channels, mask) → gained (and gamma-corrected),
     normalised image (`stats` [B, 2, 3]: "volume" statistics); binary mask.
 
     The [B, 3] gains and gammas act on every context slice's channels alike: the
@@ -312,7 +312,7 @@ def augment(batch, params, config, normalization: str = "scale", crop_size: int 
     so they stay aligned and the mask binary.
 
     Args:
-        batch: {"image": [B, S, S, 3k] uint8 (k = 2 data.context_slices + 1), "mask":
+        batch: {"image": [B, S, S, 3n] uint8 (n = 2 data.context_slices + 1), "mask":
             [B, S, S, 1] uint8 in {0, 1}, and
             for "volume" normalisation "norm": [B, 2, 3] the slices' volume statistics}.
         params: {"transform": [B, 8], "gain": [B, 3], "gamma": [B, 3] and optionally
@@ -322,7 +322,7 @@ def augment(batch, params, config, normalization: str = "scale", crop_size: int 
         crop_size: output side C, as given to `augment_params`; None = S.
 
     Returns:
-        {"image": [B, C, C, 3k] float32 model input, "mask": [B, C, C, 1] uint8}.
+        {"image": [B, C, C, 3n] float32 model input, "mask": [B, C, C, 1] uint8}.
     """
     slices = tf.cast(tf.concat([batch["image"], batch["mask"]], axis=-1), tf.float32)
     displacement = params.get("displacement")
@@ -374,9 +374,9 @@ def create_train_dataset(
         seed: shuffling and augmentation seed; the stream is a pure function of it.
 
     Returns:
-        Dataset of {"image": float32 [D, b, C, C, 3k], "mask": uint8 [D, b, C, C, 1]},
+        Dataset of {"image": float32 [D, b, C, C, 3n], "mask": uint8 [D, b, C, C, 1]},
         D = local devices, b = per_process_batch / D, C = data.crop_size (else S),
-        k = 2 data.context_slices + 1.
+        n = 2 data.context_slices + 1.
     """
     devices = jax.local_device_count()
     if per_process_batch % devices:
@@ -457,7 +457,7 @@ def create_eval_dataset(builder, patient_ids, config, batch_size: int) -> tf.dat
     """Every slice of `patient_ids` once, cached after resizing.
 
     Returns:
-        Dataset of {"image": float32 [b, S, S, 3k] (k = 2 data.context_slices + 1),
+        Dataset of {"image": float32 [b, S, S, 3n] (n = 2 data.context_slices + 1),
         "mask": uint8 [b, S, S, 1],
         "display": uint8 [b, S, S, 3] (the resized slice before normalisation),
         "original_mask": uint8 [b, H, W, 1] (the mask as read; slices smaller than the
