@@ -150,8 +150,8 @@ def _read_slices(paths, config, rows) -> list[tuple]:
         stats = input_pipeline.volume_stats(moments)
     k = config.data.context_slices
     if k:  # the folder's slices in natural order are the volume's axis
-        rows = context.context_rows(np.zeros(len(read)), np.arange(len(read)), k)
-        resized = context.stack_context(resized, rows)
+        neighbours = context.context_rows(np.zeros(len(read)), np.arange(len(read)), k)
+        resized = context.stack_context(resized, neighbours)
     model_in = np.asarray(input_pipeline.normalize(resized, config.data.normalization, stats))
     return [(path, image, x) for (path, image, _), x in zip(read, model_in, strict=True)]
 
