@@ -245,6 +245,8 @@ def train(args):
         "data.crop_size": (config.data.crop_size, None),
         "data.tumor_area_weight": (config.data.tumor_area_weight, 0.0),
         "augment.elastic": (config.augment.elastic, 0.0),
+        "augment.blur": (config.augment.blur, 0.0),
+        "augment.noise": (config.augment.noise, 0.0),
         "model.detection_head": (config.model.detection_head, False),
         "optimizer.name": (config.optimizer.name, "adam"),
     }

@@ -80,6 +80,11 @@ def get_config() -> ml_collections.ConfigDict:
     # Elastic deformation: smooth random displacements (std = elastic x the side, at a
     # 5 x 5 grid of control points, interpolated); 0 = off.
     config.augment.elastic = 0.0
+    # Scanner quality (nnU-Net's blur and noise): a Gaussian blur with σ uniform in
+    # [0, blur] pixels at the model's resolution, and noise inside the head with a std
+    # uniform in [0, noise] x the slice channel's mean head intensity; 0 = off.
+    config.augment.blur = 0.0
+    config.augment.noise = 0.0
 
     config.loss = "dice_bce"  # focal_tversky (the seed's) | dice | bce | dice_bce | slice_dice_bce
     config.detection_loss_weight = 0.5  # weight of the detection head's BCE

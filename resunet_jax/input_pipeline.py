@@ -191,7 +191,7 @@ def augment_params(seed, image_size: int, config, crop_size: int | None = None):
         seed: [2] int stateless seed.
         image_size: slice side S.
         config: `config.augment` (flip, rotate_degrees, scale, intensity, gamma,
-            elastic).
+            elastic, blur, noise).
         crop_size: output side C <= S; the crop's centre is uniform over the positions
             that keep it inside the slice. None = S (no crop).
 
@@ -199,7 +199,11 @@ def augment_params(seed, image_size: int, config, crop_size: int | None = None):
         {"transform": [8] float32, "gain": [3] float32 per-channel intensity gain,
         "gamma": [3] float32 per-channel gamma}, and with `elastic` > 0
         "displacement": [G, G, 2] float32, the (x, y) shifts in pixels at a G x G grid
-        of control points (G = ELASTIC_GRID) spread over the output.
+        of control points (G = ELASTIC_GRID) spread over the output; with `blur` > 0
+        "blur": [] float32 Gaussian σ in output pixels, uniform in [0, blur]; with
+        `noise` > 0 "noise": [3] float32 per-channel noise std as a fraction of the
+        slice's mean head intensity, uniform in [0, noise], and "noise_seed": [2] the
+        seed of the noise field.
     """
     crop_size = crop_size or image_size
     seeds = tf.random.experimental.stateless_split(seed, 4)
@@ -232,6 +236,15 @@ def augment_params(seed, image_size: int, config, crop_size: int | None = None):
         params["displacement"] = tf.random.stateless_normal(shape, elastic_seed) * (
             elastic * crop_size
         )
+    blur = config.get("blur", 0.0)
+    if blur:
+        blur_seed = tf.random.experimental.stateless_fold_in(seed, 7)
+        params["blur"] = tf.random.stateless_uniform([], blur_seed, 0.0, blur)
+    noise = config.get("noise", 0.0)
+    if noise:
+        noise_seed = tf.random.experimental.stateless_fold_in(seed, 8)
+        params["noise"] = tf.random.stateless_uniform([3], noise_seed, 0.0, noise)
+        params["noise_seed"] = tf.random.experimental.stateless_fold_in(seed, 9)
     return params
 
 
@@ -277,15 +290,78 @@ def warp_bilinear(images, transforms, out_size: int | None = None, displacements
     return top * (1 - wy) + bottom * wy
 
 
-def _finish(slices, gain, normalization: str, gamma=None, stats=None):
-    """[B, S, S, 3n + 1] float (n slices' image channels, mask) → gained (and gamma-corrected),
-    normalised image (`stats` [B, 2, 3]: "volume" statistics); binary mask.
+def gaussian_blur(images, sigma, radius: int):
+    """Blurs each image with its own isotropic Gaussian (separable, edges mirrored).
 
-    The [B, 3] gains and gammas act on every context slice's channels alike: the
-    slices of one volume share a scanner's contrast."""
+    Args:
+        images: [B, H, W, C] float32.
+        sigma: [B] float32 standard deviations in pixels; 0 leaves an image unchanged.
+        radius: kernel half-width (static); about 2 σ keeps 95% of the kernel's mass.
+
+    Returns:
+        [B, H, W, C] float32.
+    """
+    offsets = tf.range(-radius, radius + 1, dtype=tf.float32)
+    # σ -> 0 makes the kernel a unit impulse (exp(-k²/2σ²) underflows to 0 for k != 0).
+    s = tf.maximum(sigma, 1e-3)[:, None]
+    w = tf.exp(-(offsets**2) / (2.0 * s**2))
+    w = (w / tf.reduce_sum(w, axis=1, keepdims=True))[:, None, None, None, :]
+    height, width = images.shape[1], images.shape[2]
+    pad = [[0, 0], [radius, radius], [radius, radius], [0, 0]]
+    padded = tf.pad(images, pad, mode="SYMMETRIC")
+    rows = sum(
+        w[..., k] * padded[:, :, k : k + width] for k in range(2 * radius + 1)
+    )  # [B, H + 2r, W, C]
+    return sum(w[..., k] * rows[:, k : k + height] for k in range(2 * radius + 1))
+
+
+def add_noise(images, fraction, seed):
+    """Adds Gaussian noise inside the head, scaled to each slice's own brightness.
+
+    Args:
+        images: [B, H, W, C] float32 intensities (0 = background).
+        fraction: [B, C] noise std as a fraction of the slice channel's mean intensity
+            over the head (pixels where any channel is > 0).
+        seed: [2] int stateless seed of the noise field.
+
+    Returns:
+        [B, H, W, C] float32; background pixels stay exactly 0, so that the model never
+        sees noise where real scans have none.
+    """
+    head = tf.cast(tf.reduce_max(images, axis=-1, keepdims=True) > 0, tf.float32)
+    area = tf.maximum(tf.reduce_sum(head, axis=(1, 2)), 1.0)  # [B, 1]
+    mean = tf.reduce_sum(images * head, axis=(1, 2)) / area  # [B, C]
+    std = (fraction * mean)[:, None, None, :]
+    return images + std * head * tf.random.stateless_normal(tf.shape(images), seed)
+
+
+def _finish(
+    slices,
+    gain,
+    normalization: str,
+    gamma=None,
+    stats=None,
+    blur=None,
+    noise=None,
+    noise_seed=None,
+    blur_radius: int = 0,
+):
+    """[B, S, S, 3n + 1] float (n slices' image channels, mask) → (blurred, noisy),
+    gained (and gamma-corrected), normalised image (`stats` [B, 2, 3]: "volume"
+    statistics); binary mask.
+
+    The [B, 3] gains, gammas and noise levels act on every context slice's channels
+    alike: the slices of one volume share a scanner's contrast."""
     repeats = (slices.shape[-1] - 1) // 3
+    image = slices[..., :-1]
+    # Blur and noise first, as a scanner's resolution and noise come before any
+    # contrast change (nnU-Net's order).
+    if blur is not None:
+        image = gaussian_blur(image, blur, blur_radius)
+    if noise is not None:
+        image = add_noise(image, tf.concat([noise] * repeats, axis=-1), noise_seed[0])
     gain = tf.concat([gain] * repeats, axis=-1)
-    image = tf.clip_by_value(slices[..., :-1] * gain[:, None, None, :], 0.0, 255.0)
+    image = tf.clip_by_value(image * gain[:, None, None, :], 0.0, 255.0)
     if gamma is not None:
         gamma = tf.concat([gamma] * repeats, axis=-1)
         # 255 (x/255)^γ keeps black and white and moves the mid-tones: contrast
@@ -316,7 +392,8 @@ def augment(batch, params, config, normalization: str = "scale", crop_size: int 
             [B, S, S, 1] uint8 in {0, 1}, and
             for "volume" normalisation "norm": [B, 2, 3] the slices' volume statistics}.
         params: {"transform": [B, 8], "gain": [B, 3], "gamma": [B, 3] and optionally
-            "displacement": [B, G, G, 2]} float32 (`augment_params`, batched).
+            "displacement": [B, G, G, 2], "blur": [B], "noise": [B, 3], "noise_seed":
+            [B, 2]} (`augment_params`, batched).
         config: `config.augment` (geometry off: the warp is skipped).
         normalization: `data.normalization` (see `normalize`).
         crop_size: output side C, as given to `augment_params`; None = S.
@@ -336,7 +413,19 @@ def augment(batch, params, config, normalization: str = "scale", crop_size: int 
         slices = _warp_xla(slices, params["transform"], crop_size, displacement)
     # With intensity 0 the drawn gains are exactly 1 (see augment_params).
     gamma = params["gamma"] if config.gamma else None
-    return _finish_xla(slices, params["gain"], normalization, gamma, batch.get("norm"))
+    blur = config.get("blur", 0.0)
+    return _finish_xla(
+        slices,
+        params["gain"],
+        normalization,
+        gamma,
+        batch.get("norm"),
+        params.get("blur"),
+        params.get("noise"),
+        params.get("noise_seed"),
+        # Two σ of the widest kernel drawn, so every kernel keeps >= 95% of its mass.
+        max(1, math.ceil(2 * blur)),
+    )
 
 
 def _weight_by_area(ds, weight: float, mean_area: float, max_area: float, seed: int):
