@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 import tifffile
+from scipy import ndimage
 
 from configs import tiny
 from resunet_jax import input_pipeline
@@ -84,6 +85,44 @@ def test_augment_without_geometry_only_scales_intensity():
     out = input_pipeline.augment({"image": image, "mask": mask}, params, aug)
     np.testing.assert_allclose(out["image"].numpy()[0, 0, 0], [100 / 255, 50 / 255, 1.0])
     np.testing.assert_array_equal(out["mask"].numpy(), mask)
+
+
+def test_blur_and_noise_change_the_image_not_the_mask():
+    rng = np.random.default_rng(0)
+    image = np.zeros((3, 32, 32, 3), np.float32)
+    image[:, 4:28, 4:28] = rng.uniform(50, 150, (3, 24, 24, 3))
+    # The blur is scipy's Gaussian filter (mirrored edges, cut at `radius`); σ 0 is none.
+    sigma = np.array([0.0, 0.7, 1.5], np.float32)
+    blurred = input_pipeline.gaussian_blur(tf.constant(image), tf.constant(sigma), 3).numpy()
+    np.testing.assert_array_equal(blurred[0], image[0])
+    for i in (1, 2):
+        expected = ndimage.gaussian_filter(
+            image[i], (sigma[i], sigma[i], 0), mode="reflect", truncate=3 / sigma[i]
+        )
+        np.testing.assert_allclose(blurred[i], expected, atol=1e-3)
+    # Noise: std = fraction x the channel's mean over the head; the background stays 0.
+    fraction = tf.constant([[0.1, 0.2, 0.0]] * 3)
+    noisy = input_pipeline.add_noise(tf.constant(image), fraction, tf.constant([4, 2])).numpy()
+    added = (noisy - image)[:, 4:28, 4:28]
+    head_mean = image[:, 4:28, 4:28].mean(axis=(0, 1, 2))
+    np.testing.assert_allclose(added.std(axis=(0, 1, 2)), [0.1, 0.2, 0] * head_mean, rtol=0.05)
+    assert not noisy[:, :4].any() and not noisy[:, :, 28:].any()
+    again = input_pipeline.add_noise(tf.constant(image), fraction, tf.constant([4, 2])).numpy()
+    np.testing.assert_array_equal(noisy, again)
+    # Through augment: drawn σ and noise levels within their ranges, the mask untouched.
+    aug = ml_collections.ConfigDict(
+        dict(flip=False, rotate_degrees=0.0, scale=0.0, intensity=0.0, gamma=0.0)
+    )
+    aug.blur, aug.noise = 1.0, 0.1
+    params = [input_pipeline.augment_params(tf.constant([s, 5]), 32, aug) for s in range(3)]
+    params = {k: tf.stack([p[k] for p in params]) for k in params[0]}
+    for key, top in (("blur", 1.0), ("noise", 0.1)):
+        drawn = params[key].numpy()
+        assert drawn.min() >= 0 and drawn.max() <= top and drawn.std() > 0
+    mask = (image[..., :1] > 0).astype(np.uint8)
+    out = input_pipeline.augment({"image": image.astype(np.uint8), "mask": mask}, params, aug)
+    np.testing.assert_array_equal(out["mask"].numpy(), mask)
+    assert np.abs(255 * out["image"].numpy() - image.astype(np.uint8)).max() > 5
 
 
 def test_gamma_moves_mid_tones_and_keeps_black_and_white():
