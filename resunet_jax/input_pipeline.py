@@ -359,6 +359,8 @@ def _finish(
     if blur is not None:
         image = gaussian_blur(image, blur, blur_radius)
     if noise is not None:
+        # One [B, ...] field per batch, from its first slice's seed: still a pure
+        # function of the drawn seeds, and different for every slice and channel.
         image = add_noise(image, tf.concat([noise] * repeats, axis=-1), noise_seed[0])
     gain = tf.concat([gain] * repeats, axis=-1)
     image = tf.clip_by_value(image * gain[:, None, None, :], 0.0, 255.0)
