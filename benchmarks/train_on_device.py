@@ -440,6 +440,7 @@ def export(args):
         {
             "step": step,
             "config": checkpointing.config_json(config),
+            "train_patients": sorted(source.train_ids),
             "val_metrics": val_metrics,
             "trained_on_device": meta,
         },

@@ -111,7 +111,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.keep_checkpoints = 3  # latest kept; the best by val Dice is kept separately
 
     config.eval = ml_collections.ConfigDict()
-    config.eval.split = "val"  # val: the validation patients; all: every patient in data.dir
+    # val: the patients of data.dir that the checkpoint did not train on (its meta lists
+    # its training patients; older checkpoints: the data.fold patients); all: every one.
+    config.eval.split = "val"
     config.eval.batch_size = 32
     config.eval.flip_tta = False  # average with the left-right mirrored slice (2x cost)
     # "largest_component": keep each patient's largest 3D connected component (Buda et

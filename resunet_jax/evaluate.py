@@ -238,6 +238,52 @@ def write_report(eval_dir: str, summary: dict, patients: dict, grid: np.ndarray)
     visualize.save_png(grid, os.path.join(eval_dir, "results_grid.png"))
 
 
+def patients_to_evaluate(source: sources.Source, train_patients) -> tuple[list, list | None]:
+    """The patients an evaluation scores, judged against the checkpoint's training set.
+
+    A checkpoint lists the patients it was trained on (`meta["train_patients"]`), so
+    `eval.split=val` scores exactly the patients of `data.dir` that it never saw. The
+    k-fold split alone cannot promise that: on a folder with more or other patients
+    (all 110 of the LGG collection, say) the same `data.fold` holds a different set,
+    most of them training patients. Checkpoints without the list (older ones) are
+    scored on `source.eval_ids` as before.
+
+    Args:
+        source: the opened data source.
+        train_patients: the checkpoint's training patient ids, or None if unknown.
+
+    Returns:
+        (patient ids to score, the ones among them the checkpoint trained on, or None
+        when unknown).
+
+    Raises:
+        ValueError: `eval.split=val` and the checkpoint trained on every patient of
+            `data.dir`, so no figure would measure anything but fitting.
+    """
+    if train_patients is None:
+        return source.eval_ids, None
+    trained = set(train_patients)
+    if source.config.eval.split == "all":
+        ids = source.eval_ids
+    else:
+        ids = sorted(set(source.train_ids + source.val_ids) - trained)
+        if not ids:
+            raise ValueError(
+                f"{source.data_dir}: the checkpoint was trained on every patient in this "
+                "folder, so none is left to validate on; --config.eval.split=all scores "
+                "them anyway (a measure of fit, not of generalisation)"
+            )
+    seen = sorted(trained.intersection(ids))
+    if seen:
+        logging.warning(
+            "%d of the %d patients evaluated were in the checkpoint's training set: "
+            "these figures do not measure generalisation",
+            len(seen),
+            len(ids),
+        )
+    return ids, seen
+
+
 def evaluate_checkpoint(config, workdir: str, source: sources.Source | None = None) -> dict:
     """Restores a checkpoint, evaluates it on `eval.split`, and writes `workdir/eval/`.
 
@@ -255,7 +301,8 @@ def evaluate_checkpoint(config, workdir: str, source: sources.Source | None = No
     variables, meta = checkpointing.restore_model(path)
     config = checkpoint_config(source.config if source else config, meta)
     source = source or sources.open_source(config, workdir)
-    evaluator = Evaluator(source, config, source.eval_ids)
+    patient_ids, seen = patients_to_evaluate(source, meta.get("train_patients"))
+    evaluator = Evaluator(source, config, patient_ids)
     # The detection threshold chosen on the validation patients during training.
     threshold = meta.get("val_metrics", {}).get("detection_threshold", 0.5)
     summary, patients = evaluator.run(variables["params"], variables["batch_stats"], threshold)
@@ -265,6 +312,9 @@ def evaluate_checkpoint(config, workdir: str, source: sources.Source | None = No
         data_dir=source.data_dir,
         synthetic_data=source.synthetic,
         split=config.eval.split,
+        # None: the checkpoint does not list its training patients (written before
+        # 2026-11-26), so the split of `data.fold` chose the patients.
+        patients_seen_in_training=None if seen is None else len(seen),
     )
     if jax.process_index() == 0:
         grid = evaluator.results_grid(variables["params"], variables["batch_stats"], threshold)

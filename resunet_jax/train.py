@@ -239,11 +239,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     rng = jax.random.key(config.seed)
     state = create_train_state(rng, config, model)
     checkpointer = checkpointing.Checkpointer(workdir, keep=config.keep_checkpoints)
-    meta = {"config": checkpointing.config_json(config), "best_dice": -1.0}
+    # The training patients travel with every checkpoint, so that evaluation on any
+    # folder scores only patients the model never saw (evaluate.patients_to_evaluate).
+    run_meta = {
+        "config": checkpointing.config_json(config),
+        "train_patients": sorted(source.train_ids),
+    }
+    meta = dict(run_meta, best_dice=-1.0)
     restored = checkpointer.restore_latest(jax.eval_shape(lambda: state))
     if restored:
         state, meta = restored
-        meta = dict(meta, config=checkpointing.config_json(config))
+        meta = dict(meta, **run_meta)
         logging.info("Resuming from step %d", int(state.step))
     elif config.init_checkpoint:
         state = init_from_checkpoint(state, config.init_checkpoint)

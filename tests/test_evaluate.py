@@ -2,6 +2,7 @@ import types
 
 import jax
 import numpy as np
+import pytest
 
 from configs import tiny
 from resunet_jax import evaluate, models, train
@@ -27,3 +28,39 @@ def test_masks_are_judged_at_the_slices_original_size(tiny_data, tmp_path):
     np.testing.assert_array_equal(cols["pred_area"], pred.sum((1, 2)))
     np.testing.assert_array_equal(cols["intersection"], (pred & true).sum((1, 2)))
     assert cols["true_area"].sum() > 0
+
+
+def _source(ids, split, fold_of):
+    """A data source over `ids` as open_source splits it (5 folds, fold 0, seed 0)."""
+    config = tiny.get_config()
+    config.eval.split = split
+    train_ids, val_ids = lgg.split_patients(ids, 5, 0, seed=0)
+    eval_ids = ids if split == "all" else val_ids
+    return types.SimpleNamespace(
+        config=config, data_dir=fold_of, train_ids=train_ids, val_ids=val_ids, eval_ids=eval_ids
+    )
+
+
+def test_evaluation_scores_only_patients_the_checkpoint_never_saw():
+    shared = [f"P{i:02d}" for i in range(20)]
+    trained_on = _source(shared, "val", "shared").train_ids  # 16 patients
+    bigger = shared + [f"Q{i:02d}" for i in range(10)]  # the same folder with 10 more
+
+    # The k-fold split of the bigger folder puts training patients into fold 0 ...
+    assert set(_source(bigger, "val", "big").val_ids) & set(trained_on)
+    # ... so "val" means the patients the checkpoint never saw: its 4 + the 10 new.
+    ids, seen = evaluate.patients_to_evaluate(_source(bigger, "val", "big"), trained_on)
+    assert ids == sorted(set(bigger) - set(trained_on)) and len(ids) == 14
+    assert seen == []
+    # On the folder it was trained on, that is exactly its validation fold.
+    ids, seen = evaluate.patients_to_evaluate(_source(shared, "val", "shared"), trained_on)
+    assert ids == _source(shared, "val", "shared").val_ids and seen == []
+    # "all" scores everyone and says who was seen in training.
+    ids, seen = evaluate.patients_to_evaluate(_source(bigger, "all", "big"), trained_on)
+    assert ids == bigger and seen == trained_on
+    # A checkpoint without the list (older ones): the split decides, seen unknown.
+    source = _source(bigger, "val", "big")
+    assert evaluate.patients_to_evaluate(source, None) == (source.val_ids, None)
+    # Trained on every patient of the folder: one error naming it, nothing scored.
+    with pytest.raises(ValueError, match="shared: the checkpoint was trained on every patient"):
+        evaluate.patients_to_evaluate(_source(shared, "val", "shared"), shared)

@@ -193,6 +193,9 @@ def test_launch_trains_evaluates_and_resumes(tmp_path):
     ):
         assert key in trained
     assert trained["num_patients"] == 2 and trained["num_slices"] == 12
+    # Checkpoints list their training patients; the evaluation scored none of them.
+    _, meta = checkpointing.restore_model(workdir)
+    assert len(meta["train_patients"]) == 4 and trained["patients_seen_in_training"] == 0
     assert os.path.exists(os.path.join(workdir, "eval", "per_patient.csv"))
     assert os.path.exists(os.path.join(workdir, "eval", "per_patient_dice.png"))
     assert os.path.exists(os.path.join(workdir, "eval", "results_grid.png"))
