@@ -83,7 +83,7 @@ def create_train_state(rng, config: ml_collections.ConfigDict, model) -> TrainSt
     )
 
 
-def init_from_checkpoint(state: TrainState, path: str) -> TrainState:
+def init_from_checkpoint(state: TrainState, path: str) -> tuple[TrainState, dict]:
     """Starts training from a checkpoint's weights (fine-tuning), with a fresh optimizer.
 
     Args:
@@ -91,8 +91,9 @@ def init_from_checkpoint(state: TrainState, path: str) -> TrainState:
         path: a workdir, checkpoint directory or exported model (`restore_model`).
 
     Returns:
-        `state` with the checkpoint's parameters and BatchNorm statistics as both the
-        raw weights and their moving average; step and optimizer state unchanged.
+        (`state` with the checkpoint's parameters and BatchNorm statistics as both the
+        raw weights and their moving average, step and optimizer state unchanged; the
+        checkpoint's meta).
 
     Raises:
         checkpointing.CheckpointError: the checkpoint is of a different model config.
@@ -102,9 +103,10 @@ def init_from_checkpoint(state: TrainState, path: str) -> TrainState:
     checkpointing.check_compatible(variables, expected, int(meta["step"]))
     variables = jax.tree.map(jnp.asarray, variables)
     logging.info("Fine-tuning from %s (step %d)", path, int(meta["step"]))
-    return state.replace(
+    state = state.replace(
         params=variables["params"], batch_stats=variables["batch_stats"], ema=variables
     )
+    return state, meta
 
 
 def train_step(
@@ -239,20 +241,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     rng = jax.random.key(config.seed)
     state = create_train_state(rng, config, model)
     checkpointer = checkpointing.Checkpointer(workdir, keep=config.keep_checkpoints)
-    # The training patients travel with every checkpoint, so that evaluation on any
-    # folder scores only patients the model never saw (evaluate.patients_to_evaluate).
-    run_meta = {
-        "config": checkpointing.config_json(config),
-        "train_patients": sorted(source.train_ids),
-    }
-    meta = dict(run_meta, best_dice=-1.0)
+    meta = {"config": checkpointing.config_json(config), "best_dice": -1.0}
     restored = checkpointer.restore_latest(jax.eval_shape(lambda: state))
     if restored:
         state, meta = restored
-        meta = dict(meta, **run_meta)
+        meta = dict(meta, config=checkpointing.config_json(config))
         logging.info("Resuming from step %d", int(state.step))
     elif config.init_checkpoint:
-        state = init_from_checkpoint(state, config.init_checkpoint)
+        state, init_meta = init_from_checkpoint(state, config.init_checkpoint)
+        # A fine-tuned model has also seen the patients its starting point trained on.
+        meta["train_patients"] = init_meta.get("train_patients", [])
+    # The training patients travel with every checkpoint, so that evaluation on any
+    # folder scores only patients the model never saw (evaluate.patients_to_evaluate).
+    meta["train_patients"] = sorted(set(meta.get("train_patients", [])) | set(source.train_ids))
     start_step = int(state.step)
 
     global_batch = config.batch_size

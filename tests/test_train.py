@@ -130,13 +130,15 @@ def test_fine_tuning_starts_from_the_exported_weights_with_a_fresh_optimizer(tmp
             0
         ]
     )
-    checkpointing.export_model(str(tmp_path / "model"), trained.ema, {"step": 1})
+    meta = {"step": 1, "train_patients": ["P1", "P2"]}
+    checkpointing.export_model(str(tmp_path / "model"), trained.ema, meta)
     config = tiny.get_config()
     config.data.image_size = 32  # fully convolutional: another input size is fine
     model = models.create_model(config.model)
     fresh = train.create_train_state(jax.random.key(1), config, model)
 
-    tuned = train.init_from_checkpoint(fresh, str(tmp_path / "model"))
+    tuned, tuned_from = train.init_from_checkpoint(fresh, str(tmp_path / "model"))
+    assert tuned_from["train_patients"] == ["P1", "P2"]  # the fine-tuned run inherits them
     for a, b in zip(
         jax.tree.leaves(tuned.params), jax.tree.leaves(trained.ema["params"]), strict=True
     ):
