@@ -264,9 +264,9 @@ def patients_to_evaluate(source: sources.Source, train_patients) -> tuple[list, 
         return source.eval_ids, None
     trained = set(train_patients)
     if source.config.eval.split == "all":
-        ids = source.eval_ids
+        ids = source.patient_ids
     else:
-        ids = sorted(set(source.train_ids + source.val_ids) - trained)
+        ids = sorted(set(source.patient_ids) - trained)
         if not ids:
             raise ValueError(
                 f"{source.data_dir}: the checkpoint was trained on every patient in this "
@@ -300,7 +300,9 @@ def evaluate_checkpoint(config, workdir: str, source: sources.Source | None = No
     path = config.checkpoint or workdir
     variables, meta = checkpointing.restore_model(path)
     config = checkpoint_config(source.config if source else config, meta)
-    source = source or sources.open_source(config, workdir)
+    # With the list of training patients the k-fold split is not needed, so a folder
+    # of fewer patients than data.num_folds (a user's own two, say) can be scored.
+    source = source or sources.open_source(config, workdir, split="train_patients" not in meta)
     patient_ids, seen = patients_to_evaluate(source, meta.get("train_patients"))
     evaluator = Evaluator(source, config, patient_ids)
     # The detection threshold chosen on the validation patients during training.

@@ -37,7 +37,12 @@ def _source(ids, split, fold_of):
     train_ids, val_ids = lgg.split_patients(ids, 5, 0, seed=0)
     eval_ids = ids if split == "all" else val_ids
     return types.SimpleNamespace(
-        config=config, data_dir=fold_of, train_ids=train_ids, val_ids=val_ids, eval_ids=eval_ids
+        config=config,
+        data_dir=fold_of,
+        patient_ids=ids,
+        train_ids=train_ids,
+        val_ids=val_ids,
+        eval_ids=eval_ids,
     )
 
 

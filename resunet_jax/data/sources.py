@@ -25,14 +25,17 @@ class Source:
         config: the run config with data-source defaults filled in.
         data_dir: the kaggle_3m-style folder.
         builder: its prepared `lgg.LggBuilder`.
-        train_ids, val_ids: the patient-level split.
-        eval_ids: patients of the final evaluation: val_ids, or all for eval.split=all.
+        patient_ids: every patient of `data_dir`.
+        train_ids, val_ids: the patient-level split (both empty when not asked for).
+        eval_ids: patients of the final evaluation: val_ids, or all for eval.split=all
+            (or without a split).
         synthetic: whether `data_dir` holds generated phantom data.
     """
 
     config: ml_collections.ConfigDict
     data_dir: str
     builder: lgg.LggBuilder
+    patient_ids: list
     train_ids: list
     val_ids: list
     eval_ids: list
@@ -63,10 +66,12 @@ def prepared_root(config) -> str:
     return os.path.expanduser(config.data.prepared_dir or "~/.cache/resunet_jax/prepared")
 
 
-def open_source(config: ml_collections.ConfigDict, workdir: str) -> Source:
+def open_source(config: ml_collections.ConfigDict, workdir: str, split: bool = True) -> Source:
     """Finds or generates the data, prepares it once, and splits its patients.
 
     Process 0 prepares; the other processes wait, then open the same prepared data.
+    `split=False` skips the k-fold split (and its need for at least `data.num_folds`
+    patients): evaluating a checkpoint that lists its training patients needs none.
     """
     is_synthetic = not config.data.dir
     config = resolve_defaults(config, is_synthetic)
@@ -92,9 +97,11 @@ def open_source(config: ml_collections.ConfigDict, workdir: str) -> Source:
         raise ValueError(f"eval.split must be 'val' or 'all', got {config.eval.split!r}")
     slices = lgg.discover(data_dir)
     ids = lgg.patient_ids(slices)
-    train_ids, val_ids = lgg.split_patients(
-        ids, config.data.num_folds, config.data.fold, config.data.split_seed
-    )
+    train_ids, val_ids = [], []
+    if split:
+        train_ids, val_ids = lgg.split_patients(
+            ids, config.data.num_folds, config.data.fold, config.data.split_seed
+        )
     root = prepared_root(config)
     if jax.process_index() == 0:
         builder = lgg.prepare(data_dir, root, slices)
@@ -109,5 +116,5 @@ def open_source(config: ml_collections.ConfigDict, workdir: str) -> Source:
         len(train_ids),
         len(val_ids),
     )
-    eval_ids = ids if config.eval.split == "all" else val_ids
-    return Source(config, data_dir, builder, train_ids, val_ids, eval_ids, is_synthetic)
+    eval_ids = ids if config.eval.split == "all" or not split else val_ids
+    return Source(config, data_dir, builder, ids, train_ids, val_ids, eval_ids, is_synthetic)
