@@ -47,8 +47,15 @@ def find_inputs(path: str) -> list[str]:
         return [path]
     if not os.path.isdir(path):
         raise lgg.DataError(f"{path}: no such file or folder")
-    found = []
-    for folder, _, names in os.walk(path):
+    found, visited = [], set()
+    # Folders of links to patient folders are common on shared storage, so links are
+    # followed; each real folder is read once, which also ends any link cycle.
+    for folder, subfolders, names in os.walk(path, followlinks=True):
+        real = os.path.realpath(folder)
+        if real in visited:
+            subfolders.clear()
+            continue
+        visited.add(real)
         found += [
             os.path.join(folder, n)
             for n in names

@@ -68,6 +68,22 @@ def test_predict_handles_user_inputs_and_reports_bad_files(tmp_path, exported_mo
         assert len(list(csv.DictReader(f))) == 5
 
 
+def test_inputs_are_found_through_links_and_a_link_cycle_ends(tmp_path):
+    _inputs(tmp_path / "store")
+    (tmp_path / "in").mkdir()
+    os.symlink(tmp_path / "store" / "patient", tmp_path / "in" / "linked")
+    os.symlink(tmp_path / "in", tmp_path / "in" / "linked_again")  # a cycle
+    found = predict.find_inputs(str(tmp_path / "in"))
+    names = [os.path.relpath(f, tmp_path / "in") for f in found]
+    assert names == [
+        "linked/broken_4.tif",
+        "linked/deep_10.tif",
+        "linked/gray_2.tif",
+        "linked/notes_5.tif",
+        "linked/odd_3.tif",
+    ]
+
+
 def test_load_slice_normalises_channels_and_depth(tmp_path):
     gray = tmp_path / "g.tif"
     tifffile.imwrite(gray, np.arange(64, dtype=np.uint16).reshape(8, 8) * 1000)
