@@ -109,12 +109,11 @@ def open_source(config: ml_collections.ConfigDict, workdir: str, split: bool = T
     if jax.process_index() != 0:
         builder = lgg.prepare(data_dir, root, slices)
     logging.info(
-        "Data %s: %d patients, %d slices (%d train, %d val patients)",
+        "Data %s: %d patients, %d slices (%s)",
         data_dir,
         len(ids),
         len(slices),
-        len(train_ids),
-        len(val_ids),
+        f"{len(train_ids)} train, {len(val_ids)} val patients" if split else "not split",
     )
     eval_ids = ids if config.eval.split == "all" or not split else val_ids
     return Source(config, data_dir, builder, ids, train_ids, val_ids, eval_ids, is_synthetic)
