@@ -200,6 +200,28 @@ def predict_step(variables, batch, *, model, flip_tta: bool = False):
     return None, {"mask": mask[..., 0], "tumor": tumor}
 
 
+def training_patients(earlier: list | None, this_run) -> list | None:
+    """The patients a checkpoint has seen, recorded in its meta as `train_patients`.
+
+    The list travels with every checkpoint so that evaluation on any folder scores only
+    patients the model never saw (evaluate.patients_to_evaluate). A fine-tuned model has
+    also seen the patients its starting point trained on.
+
+    Args:
+        earlier: patients seen before this run (a resumed run's or a fine-tuning start
+            point's list; [] for a fresh run), or None when they are unknown (a start
+            point written before checkpoints listed them).
+        this_run: this run's training patient ids.
+
+    Returns:
+        The sorted union, or None when the earlier patients are unknown: an incomplete
+        list would let evaluation count the start point's patients as unseen.
+    """
+    if earlier is None:
+        return None
+    return sorted(set(earlier) | set(this_run))
+
+
 @functools.cache
 def pmapped_train_step(loss_name: str, detection_weight: float = 0.0, ema_decay: float = 0.0):
     step = functools.partial(
@@ -243,17 +265,26 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     checkpointer = checkpointing.Checkpointer(workdir, keep=config.keep_checkpoints)
     meta = {"config": checkpointing.config_json(config), "best_dice": -1.0}
     restored = checkpointer.restore_latest(jax.eval_shape(lambda: state))
+    earlier_patients = []
     if restored:
         state, meta = restored
         meta = dict(meta, config=checkpointing.config_json(config))
         logging.info("Resuming from step %d", int(state.step))
+        # A run without the list that started from another checkpoint stays unknown.
+        earlier_patients = meta.get("train_patients", None if config.init_checkpoint else [])
     elif config.init_checkpoint:
         state, init_meta = init_from_checkpoint(state, config.init_checkpoint)
-        # A fine-tuned model has also seen the patients its starting point trained on.
-        meta["train_patients"] = init_meta.get("train_patients", [])
-    # The training patients travel with every checkpoint, so that evaluation on any
-    # folder scores only patients the model never saw (evaluate.patients_to_evaluate).
-    meta["train_patients"] = sorted(set(meta.get("train_patients", [])) | set(source.train_ids))
+        earlier_patients = init_meta.get("train_patients")
+    patients = training_patients(earlier_patients, source.train_ids)
+    if patients is None:
+        logging.warning(
+            "%s does not list its training patients, so neither will this run's checkpoints: "
+            "their evaluation falls back to the k-fold split.",
+            config.init_checkpoint,
+        )
+        meta.pop("train_patients", None)
+    else:
+        meta["train_patients"] = patients
     start_step = int(state.step)
 
     global_batch = config.batch_size

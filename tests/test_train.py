@@ -157,6 +157,13 @@ def test_fine_tuning_starts_from_the_exported_weights_with_a_fresh_optimizer(tmp
         train.init_from_checkpoint(other, str(tmp_path / "model"))
 
 
+def test_training_patients_are_unknown_after_a_start_point_without_a_list():
+    assert train.training_patients([], ["P2", "P1"]) == ["P1", "P2"]  # fresh run
+    assert train.training_patients(["P3", "P1"], ["P1", "P2"]) == ["P1", "P2", "P3"]
+    # An incomplete list would let evaluation score the start point's patients as unseen.
+    assert train.training_patients(None, ["P1", "P2"]) is None
+
+
 def _launch(workdir, *flags):
     cmd = [
         sys.executable,
