@@ -222,6 +222,35 @@ def training_patients(earlier: list | None, this_run) -> list | None:
     return sorted(set(earlier) | set(this_run))
 
 
+def check_patients_left_to_validate(source, train_patients: list) -> None:
+    """Fails before training when the final evaluation would have no unseen patient.
+
+    A fine-tuning start point may have trained on this split's validation patients
+    (the shipped model fine-tuned on another fold, say): its in-loop validation is then
+    optimistic, and when no patient of `data.dir` is left unseen the final evaluation
+    (evaluate.patients_to_evaluate) would refuse only after the whole run.
+
+    Raises:
+        ValueError: eval.split=val and every patient of `data.dir` is in `train_patients`.
+    """
+    seen_val = sorted(set(source.val_ids) & set(train_patients))
+    if seen_val:
+        logging.warning(
+            "%d of the %d validation patients were in the start point's training set, so "
+            "validation during training is optimistic: %s",
+            len(seen_val),
+            len(source.val_ids),
+            ", ".join(seen_val),
+        )
+    if source.config.eval.split == "val" and not set(source.patient_ids) - set(train_patients):
+        raise ValueError(
+            f"{source.data_dir}: with its start point's training patients this run will have "
+            "seen every patient in the folder, so the final evaluation would have none left "
+            "to validate on; fine-tune on a fold whose patients the start point never saw, "
+            "or pass --config.eval.split=all to score them anyway"
+        )
+
+
 @functools.cache
 def pmapped_train_step(loss_name: str, detection_weight: float = 0.0, ema_decay: float = 0.0):
     step = functools.partial(
@@ -285,6 +314,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         meta.pop("train_patients", None)
     else:
         meta["train_patients"] = patients
+        check_patients_left_to_validate(source, patients)
     start_step = int(state.step)
 
     global_batch = config.batch_size

@@ -11,6 +11,7 @@ import pytest
 
 from configs import tiny
 from resunet_jax import checkpointing, losses, models, parallel, train
+from resunet_jax.data import sources
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -162,6 +163,17 @@ def test_training_patients_are_unknown_after_a_start_point_without_a_list():
     assert train.training_patients(["P3", "P1"], ["P1", "P2"]) == ["P1", "P2", "P3"]
     # An incomplete list would let evaluation score the start point's patients as unseen.
     assert train.training_patients(None, ["P1", "P2"]) is None
+
+
+def test_fine_tuning_that_leaves_no_patient_to_validate_fails_before_training():
+    config = tiny.get_config()
+    ids = ["P1", "P2", "P3", "P4"]
+    source = sources.Source(config, "/data/lgg", None, ids, ids[:3], ids[3:], ids[3:], False)
+    train.check_patients_left_to_validate(source, ["P1", "P2", "P3"])  # P4 never seen
+    with pytest.raises(ValueError, match="/data/lgg: .* none left to validate on"):
+        train.check_patients_left_to_validate(source, ids)
+    config.eval.split = "all"  # a measure of fit, asked for
+    train.check_patients_left_to_validate(source, ids)
 
 
 def _launch(workdir, *flags):
