@@ -59,11 +59,7 @@ class Evaluator:
         self.batch_size = -(-config.eval.batch_size // devices) * devices
         model = models.create_model(config.model)
         self.step = train.pmapped_predict_step(model, config.eval.flip_tta)
-        if config.eval.postprocess not in ("none", "largest_component"):
-            raise ValueError(
-                f"eval.postprocess must be none or largest_component, got "
-                f"{config.eval.postprocess!r}"
-            )
+        postprocess.check_method(config.eval.postprocess)
         self.postprocess = config.eval.postprocess
         self.dataset = input_pipeline.create_eval_dataset(
             source.builder, patient_ids, config, self.batch_size

@@ -7,9 +7,10 @@ rescaled to 0..255, any size resized to `data.image_size`; a model trained with
 "volume" normalisation takes its statistics from all readable slices of the slice's
 folder (one folder = one patient's volume), and a 2.5-D model (`data.context_slices`)
 its neighbouring slices from the readable slices of the folder in natural order
-(`x_2.tif` before `x_10.tif`). The predicted mask is resized back to the
-slice's own size. A file that cannot be used gets one error line naming it
-and a row in predictions.csv; the other files are still processed.
+(`x_2.tif` before `x_10.tif`). The predicted mask is resized back to the slice's own
+size; with `eval.postprocess=largest_component` each folder's masks keep only their
+largest 3D connected component, as evaluation does. A file that cannot be used gets one
+error line naming it and a row in predictions.csv; the other files are still processed.
 """
 
 import csv
@@ -163,6 +164,28 @@ def _read_slices(paths, config, rows) -> list[tuple]:
     return [(path, image, x) for (path, image, _), x in zip(read, model_in, strict=True)]
 
 
+def _predict_masks(step, variables, slices, batch_size: int, threshold: float):
+    """Predicts `_read_slices`' output in batches of `batch_size`.
+
+    Returns:
+        ([N, H, W] bool masks at each slice's own size after the detection gate, H x W
+        the largest slice's, smaller ones padded with False; [N] slice tumour
+        probabilities).
+    """
+    probs, tumor_probs = [], []
+    for start in range(0, len(slices), batch_size):
+        chunk = np.stack([s[2] for s in slices[start : start + batch_size]])
+        padded, n = parallel.pad_batch({"image": chunk}, batch_size)
+        _, out = step(variables, parallel.split_for_devices(padded))
+        probs.append(np.asarray(out["mask"]).reshape(-1, *out["mask"].shape[2:])[:n])
+        tumor_probs.append(np.asarray(out["tumor"]).reshape(-1)[:n])
+    tumor_probs = np.concatenate(tumor_probs)
+    heights, widths = zip(*(s[1].shape[:2] for s in slices), strict=True)
+    masks = postprocess.masks_at_original_size(np.concatenate(probs), heights, widths)
+    masks &= (tumor_probs >= threshold)[:, None, None]  # called tumour-free: empty
+    return masks, tumor_probs
+
+
 def predict(config, workdir: str) -> list[dict]:
     """Predicts every slice under `config.predict.input` into `workdir/predict/`.
 
@@ -180,9 +203,11 @@ def predict(config, workdir: str) -> list[dict]:
     os.makedirs(out_dir, exist_ok=True)
     rows, batch_size = [], -(-config.eval.batch_size // jax.local_device_count())
     batch_size *= jax.local_device_count()
-    if config.data.normalization == "volume" or config.data.context_slices:
-        # Statistics and neighbouring slices are per folder (one patient's volume): its
-        # slices are read together.
+    postprocess.check_method(config.eval.postprocess)
+    largest_component = config.eval.postprocess == "largest_component"
+    if config.data.normalization == "volume" or config.data.context_slices or largest_component:
+        # Statistics, neighbouring slices and 3D components are per folder (one
+        # patient's volume): its slices are read and predicted together.
         folders = {}
         for path in paths:
             folders.setdefault(os.path.dirname(path), []).append(path)
@@ -191,20 +216,14 @@ def predict(config, workdir: str) -> list[dict]:
         groups = [paths[i : i + batch_size] for i in range(0, len(paths), batch_size)]
     for group in groups:
         slices = _read_slices(group, config, rows)
-        for start in range(0, len(slices), batch_size):
-            chunk = slices[start : start + batch_size]
-            padded, n = parallel.pad_batch({"image": np.stack([c[2] for c in chunk])}, batch_size)
-            _, out = step(variables, parallel.split_for_devices(padded))
-            prob_maps = np.asarray(out["mask"]).reshape(-1, *out["mask"].shape[2:])[:n]
-            tumor_probs = np.asarray(out["tumor"]).reshape(-1)[:n]
-            heights, widths = zip(*(c[1].shape[:2] for c in chunk), strict=True)
-            masks = postprocess.masks_at_original_size(prob_maps, heights, widths)
-            masks &= (tumor_probs >= threshold)[:, None, None]  # called tumour-free: empty
-            for (path, image, _), mask, prob in zip(chunk, masks, tumor_probs, strict=True):
-                h, w = image.shape[:2]
-                rows.append(
-                    _write_prediction(path, image, mask[:h, :w], float(prob), base, out_dir)
-                )
+        if not slices:
+            continue
+        masks, tumor_probs = _predict_masks(step, variables, slices, batch_size, threshold)
+        if largest_component:  # as evaluation does: after the detection gate
+            masks = postprocess.largest_component_3d(masks)
+        for (path, image, _), mask, prob in zip(slices, masks, tumor_probs, strict=True):
+            h, w = image.shape[:2]
+            rows.append(_write_prediction(path, image, mask[:h, :w], float(prob), base, out_dir))
     csv_path = os.path.join(out_dir, "predictions.csv")
     with open(csv_path + ".tmp", "w", newline="") as f:
         writer = csv.DictWriter(f, CSV_FIELDS)

@@ -7,7 +7,7 @@ import pytest
 import tifffile
 
 from configs import tiny
-from resunet_jax import checkpointing, models, predict, train
+from resunet_jax import checkpointing, models, postprocess, predict, train
 from resunet_jax.data import lgg
 
 
@@ -181,3 +181,45 @@ def test_context_model_takes_neighbours_from_the_folder_in_natural_order(tmp_pat
     assert len(probs) == 6 and not any(r["error"] for r in rows)
     assert probs["a/s_1.tif"] == pytest.approx(probs["b/s_1.tif"], abs=1e-6)
     assert probs["a/s_2.tif"] != pytest.approx(probs["b/s_2.tif"], abs=1e-4)
+
+
+def test_largest_component_post_processing_applies_per_folder_as_in_evaluation(
+    tmp_path, exported_model, monkeypatch
+):
+    # A stand-in model whose pixel probability is the input's first channel, so each
+    # slice's prediction is the bright squares drawn into it.
+    def step_factory(model, flip_tta):
+        def step(variables, images):
+            probs = images["image"][..., 0]
+            return None, {"mask": probs, "tumor": probs.max(axis=(-2, -1))}
+
+        return step
+
+    monkeypatch.setattr(train, "pmapped_predict_step", step_factory)
+    folder = tmp_path / "in" / "patient"
+    os.makedirs(folder)
+    for i in range(1, 5):
+        image = np.zeros((32, 32, 3), np.uint8)
+        image[4:20, 4:20] = 255  # one lesion through all slices ...
+        if i == 3:
+            image[26:29, 26:29] = 255  # ... and a separate speck on one
+        tifffile.imwrite(folder / f"slice_{i}.tif", image)
+    masks = {}
+    for method in ("none", "largest_component"):
+        config = tiny.get_config()
+        config.checkpoint = exported_model
+        config.predict.input = str(tmp_path / "in")
+        config.eval.postprocess = method
+        predict.predict(config, str(tmp_path / method))
+        out = tmp_path / method / "predict" / "patient"
+        masks[method] = np.stack(
+            [tifffile.imread(out / f"slice_{i}_pred_mask.tif") > 0 for i in range(1, 5)]
+        )
+    assert masks["none"][2, 27, 27] and not masks["largest_component"][2, 27, 27]
+    np.testing.assert_array_equal(
+        masks["largest_component"], postprocess.largest_component_3d(masks["none"])
+    )
+    assert masks["largest_component"][:, 10, 10].all()
+    config.eval.postprocess = "biggest"
+    with pytest.raises(ValueError, match="eval.postprocess must be one of none, largest_component"):
+        predict.predict(config, str(tmp_path / "bad"))
