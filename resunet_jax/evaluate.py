@@ -266,7 +266,7 @@ def patients_to_evaluate(source: sources.Source, train_patients) -> tuple[list, 
         if not ids:
             raise ValueError(
                 f"{source.data_dir}: the checkpoint was trained on every patient in this "
-                "folder, so none is left to validate on; --config.eval.split=all scores "
+                "folder, so there is none left to validate on; --config.eval.split=all scores "
                 "them anyway (a measure of fit, not of generalisation)"
             )
     seen = sorted(trained.intersection(ids))

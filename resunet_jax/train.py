@@ -233,6 +233,8 @@ def check_patients_left_to_validate(source, train_patients: list) -> None:
     Raises:
         ValueError: eval.split=val and every patient of `data.dir` is in `train_patients`.
     """
+    from resunet_jax import evaluate  # imports this module
+
     seen_val = sorted(set(source.val_ids) & set(train_patients))
     if seen_val:
         logging.warning(
@@ -242,13 +244,7 @@ def check_patients_left_to_validate(source, train_patients: list) -> None:
             len(source.val_ids),
             ", ".join(seen_val),
         )
-    if source.config.eval.split == "val" and not set(source.patient_ids) - set(train_patients):
-        raise ValueError(
-            f"{source.data_dir}: with its start point's training patients this run will have "
-            "seen every patient in the folder, so the final evaluation would have none left "
-            "to validate on; fine-tune on a fold whose patients the start point never saw, "
-            "or pass --config.eval.split=all to score them anyway"
-        )
+    evaluate.patients_to_evaluate(source, train_patients)  # its refusal, before training
 
 
 @functools.cache
