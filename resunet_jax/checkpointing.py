@@ -44,8 +44,10 @@ class Checkpointer:
     """
 
     def __init__(self, workdir: str, keep: int):
-        self.latest = _manager(os.path.join(workdir, LATEST_DIR), max_to_keep=keep)
-        self.best = _manager(os.path.join(workdir, BEST_DIR), max_to_keep=1)
+        # The folders appear with the first save, so a run refused before its first step
+        # (bad data, a fine-tuning split with no patient left) leaves no empty ones.
+        self.latest = _manager(os.path.join(workdir, LATEST_DIR), max_to_keep=keep, create=False)
+        self.best = _manager(os.path.join(workdir, BEST_DIR), max_to_keep=1, create=False)
 
     def save(self, state, meta: dict, best: bool = False):
         """Saves a TrainState with JSON metadata `meta`; returns once it is on disk.

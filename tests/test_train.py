@@ -92,6 +92,8 @@ def test_moving_average_of_the_weights_and_its_checkpoint(tmp_path):
 
     # Training checkpoints keep both: the average as the model, the raw weights to resume.
     saver = checkpointing.Checkpointer(str(tmp_path), keep=1)
+    assert saver.restore_latest(jax.eval_shape(lambda: state)) is None
+    assert not list(tmp_path.iterdir())  # no folders before the first save
     saver.save(one, {"step": 1})
     resumed, _ = saver.restore_latest(jax.eval_shape(lambda: state))
     saver.close()
