@@ -33,6 +33,10 @@ def get_config() -> ml_collections.ConfigDict:
     # patients the mask rule detected better (0.95-0.96 vs 0.93-0.95 accuracy, five
     # checkpoints trained with the head), so the recipe goes without the head.
     config.model.detection_head = False
+    # Deep supervision (nnU-Net): k > 0 also trains 1x1 logit heads on the k decoder
+    # blocks before the last (1/2, ..., 1/2**k of the side), with loss weights 1/2**j;
+    # prediction uses the full-resolution head only. 0 = off.
+    config.model.deep_supervision = 0
 
     config.data = ml_collections.ConfigDict()
     # A kaggle_3m-style folder; empty = synthetic phantom data generated under the workdir.

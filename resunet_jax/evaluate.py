@@ -39,9 +39,19 @@ COMPARED_METRICS = (
 
 # Config fields that define what a checkpoint's model expects; evaluation takes them
 # from the checkpoint, not from the command line.
-MODEL_FIELDS = ("model", "data.image_size", "data.normalization", "data.context_slices")
+MODEL_FIELDS = (
+    "model.stem_features",
+    "model.features",
+    "model.bottleneck_features",
+    "model.dtype",
+    "model.detection_head",
+    "model.deep_supervision",
+    "data.image_size",
+    "data.normalization",
+    "data.context_slices",
+)
 # Values of fields added since the first checkpoints, for checkpoints saved without them.
-_SAVED_BEFORE = {"data.context_slices": 0}
+_SAVED_BEFORE = {"data.context_slices": 0, "model.deep_supervision": 0}
 
 
 class Evaluator:

@@ -80,6 +80,9 @@ class ResUNet(nn.Module):
         axis_name: pmap axis over which training BatchNorm statistics are averaged, so
             that replicas normalise like one global batch; None outside pmap.
         detection_head: add the slice-level tumour classifier on the bottleneck.
+        deep_supervision: k > 0 adds a 1x1 logit head to each of the k decoder blocks
+            before the last (nnU-Net's deep supervision), at 1/2, ..., 1/2**k of the
+            input side; training adds their losses (see `train.train_step`).
     """
 
     stem_features: int = 16
@@ -88,6 +91,7 @@ class ResUNet(nn.Module):
     dtype: Any = jnp.float32
     axis_name: str | None = "batch"
     detection_head: bool = False
+    deep_supervision: int = 0
 
     @nn.compact
     def __call__(self, x, train: bool = False):
@@ -98,9 +102,13 @@ class ResUNet(nn.Module):
             train: use batch statistics (synced over the 'batch' axis) and update them.
 
         Returns:
-            {"mask": [B, H, W, 1] float32 pixel logits, "tumor": [B] float32 slice logits}.
+            {"mask": [B, H, W, 1] float32 pixel logits, "tumor": [B] float32 slice logits};
+            with deep supervision also "aux_masks": k logit maps, [B, H/2, W/2, 1], ...,
+            [B, H/2**k, W/2**k, 1].
         """
         depth = len(self.features) + 1
+        if not 0 <= self.deep_supervision < depth:
+            raise ValueError(f"deep_supervision must be in [0, {depth - 1}]")
         if x.shape[1] % 2**depth or x.shape[2] % 2**depth:
             raise ValueError(f"image side {x.shape[1:3]} must be divisible by {2**depth}")
         x = x.astype(self.dtype)
@@ -123,13 +131,21 @@ class ResUNet(nn.Module):
             pooled = jnp.concatenate([jnp.mean(x, axis=(1, 2)), jnp.max(x, axis=(1, 2))], -1)
             tumor = nn.Dense(1, dtype=self.dtype, name="detection_head")(pooled)[:, 0]
         decoder_features = tuple(reversed(self.features)) + (self.stem_features,)
+        aux_masks = []
         for i, (f, skip) in enumerate(zip(decoder_features, reversed(skips), strict=True)):
             x = jnp.concatenate([upsample2x(x), skip], axis=-1)
             x = ResBlock(f, self.dtype, self.axis_name, name=f"decoder{i}")(x, train)
+            level = depth - 1 - i  # this block's output is 1/2**level of the input side
+            if 0 < level <= self.deep_supervision:
+                aux = nn.Conv(1, (1, 1), dtype=self.dtype, name=f"aux_head{level}")(x)
+                aux_masks.insert(0, aux.astype(jnp.float32))
         logits = nn.Conv(1, (1, 1), dtype=self.dtype, name="head")(x).astype(jnp.float32)
         if not self.detection_head:
             tumor = jnp.max(logits, axis=(1, 2, 3))
-        return {"mask": logits, "tumor": tumor.astype(jnp.float32)}
+        outputs = {"mask": logits, "tumor": tumor.astype(jnp.float32)}
+        if aux_masks:
+            outputs["aux_masks"] = aux_masks
+        return outputs
 
 
 def input_channels(data_config) -> int:
@@ -147,4 +163,5 @@ def create_model(model_config, axis_name: str | None = "batch") -> ResUNet:
         bottleneck_features=model_config["bottleneck_features"],
         dtype=jnp.dtype(model_config["dtype"]),
         detection_head=model_config.get("detection_head", False),
+        deep_supervision=model_config.get("deep_supervision", 0),
     )

@@ -10,6 +10,7 @@ import threading
 import time
 from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -109,6 +110,29 @@ def init_from_checkpoint(state: TrainState, path: str) -> tuple[TrainState, dict
     return state, meta
 
 
+def deep_supervision_loss(loss, aux_logits, masks, loss_fn, axis_name):
+    """nnU-Net's deep supervision: the full-resolution loss and those of the coarser heads.
+
+    Args:
+        loss: the loss of the full-resolution logits.
+        aux_logits: k logit maps [B, H/2**j, W/2**j, 1], j = 1..k.
+        masks: [B, H, W, 1] ground truth; each head is scored against it average-pooled
+            to the head's side (the share of tumour in each cell, a soft target).
+        loss_fn: a `losses` function.
+        axis_name: the pmap axis.
+
+    Returns:
+        The weighted mean of the k + 1 losses, weights 1, 1/2, ..., 1/2**k.
+    """
+    masks = masks.astype(jnp.float32)
+    total, weights = loss, 1.0
+    for j, logits in enumerate(aux_logits, start=1):
+        window = (2**j, 2**j)
+        total += 0.5**j * loss_fn(logits, nn.avg_pool(masks, window, window), axis_name)
+        weights += 0.5**j
+    return total / weights
+
+
 def train_step(
     state: TrainState,
     batch,
@@ -143,6 +167,10 @@ def train_step(
             mutable=["batch_stats"],
         )
         loss = loss_fn(outputs["mask"], batch["mask"], axis_name)
+        if "aux_masks" in outputs:
+            loss = deep_supervision_loss(
+                loss, outputs["aux_masks"], batch["mask"], loss_fn, axis_name
+            )
         if detection_weight:
             loss += detection_weight * losses.binary_cross_entropy(
                 outputs["tumor"], has_tumor, axis_name

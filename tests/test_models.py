@@ -44,6 +44,25 @@ def test_detection_head_scores_each_slice():
     assert not np.allclose(out["tumor"], out["mask"].max(axis=(1, 2, 3)))
 
 
+def test_deep_supervision_adds_coarser_logit_maps_and_leaves_the_mask_alone():
+    x = jax.random.uniform(jax.random.key(1), (2, 32, 32, 3))
+    plain = models.ResUNet(stem_features=4, features=(8, 16), bottleneck_features=16)
+    deep = plain.clone(deep_supervision=2)
+    variables = deep.init(jax.random.key(0), x)
+    out = deep.apply(variables, x)
+    assert [a.shape for a in out["aux_masks"]] == [(2, 16, 16, 1), (2, 8, 8, 1)]
+    assert all(a.dtype == jnp.float32 for a in out["aux_masks"])
+    # The extra heads are all it adds: the seed's weights give the seed's mask.
+    seed = {
+        "params": {k: v for k, v in variables["params"].items() if not k.startswith("aux_")},
+        "batch_stats": variables["batch_stats"],
+    }
+    assert "aux_masks" not in plain.apply(seed, x)
+    np.testing.assert_array_equal(plain.apply(seed, x)["mask"], out["mask"])
+    with pytest.raises(ValueError, match=r"deep_supervision must be in \[0, 2\]"):
+        plain.clone(deep_supervision=3).init(jax.random.key(0), x)
+
+
 def test_train_mode_updates_batch_stats_inside_pmap():
     model = models.ResUNet(stem_features=4, features=(8,), bottleneck_features=8)
     x = jax.random.uniform(jax.random.key(1), (1, 2, 16, 16, 3))

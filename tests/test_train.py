@@ -76,6 +76,29 @@ def test_loss_falls_when_training_on_one_batch():
     assert losses_seen[-1] < 0.85 * losses_seen[0]
 
 
+def test_deep_supervision_loss_scores_each_head_against_the_pooled_mask():
+    rng = np.random.default_rng(0)
+    masks = (rng.uniform(size=(2, 8, 8, 1)) > 0.7).astype(np.uint8)
+    aux = [rng.normal(size=(2, 4, 4, 1)).astype(np.float32), np.zeros((2, 2, 2, 1), np.float32)]
+    loss_fn = losses.get_loss("dice_bce")
+    pooled = [masks.reshape(2, 8 // s, s, 8 // s, s, 1).mean((2, 4)) for s in (2, 4)]
+    expected = (0.3 + 0.5 * loss_fn(aux[0], pooled[0]) + 0.25 * loss_fn(aux[1], pooled[1])) / 1.75
+    got = train.deep_supervision_loss(0.3, aux, masks, loss_fn, None)
+    np.testing.assert_allclose(got, expected, rtol=1e-6)
+
+
+def test_train_step_trains_the_deep_supervision_heads():
+    config = tiny.get_config()
+    config.data.image_size = 16
+    config.model.deep_supervision = 1
+    config.optimizer.warmup_steps = 0
+    state = train.create_train_state(jax.random.key(0), config, models.create_model(config.model))
+    _, batch = _state_and_batch()
+    new, _ = train.pmapped_train_step("dice_bce")(state, parallel.split_for_devices(batch))
+    before = jax.device_get(state.params["aux_head1"]["kernel"])
+    assert not np.allclose(jax.device_get(new.params["aux_head1"]["kernel"]), before)
+
+
 def test_moving_average_of_the_weights_and_its_checkpoint(tmp_path):
     state, batch = _state_and_batch()
     batch = parallel.split_for_devices(batch)
