@@ -356,7 +356,7 @@ def train(args):
             tmp,
             meta=json.dumps(meta),
             **_flatten(best_ema, "best"),
-            **_flatten(jax.device_get(last_ema), "last"),
+            **(_flatten(jax.device_get(last_ema), "last") if args.last else {}),
         )
         os.replace(tmp, args.out)
         return meta
@@ -417,6 +417,8 @@ def export(args):
     if os.path.exists(args.out):
         raise SystemExit(f"{args.out}: already exists; export to a new --out (nothing written)")
     weights = np.load(args.weights)
+    if not any(k.startswith(args.which + ".") for k in weights.files):
+        raise SystemExit(f"{args.weights}: holds no {args.which!r} weights (trained --no-last?)")
     meta = json.loads(str(weights["meta"]))
     config = _config(meta["config"], meta.get("overrides", ()))
     config.data.dir = args.data_dir
@@ -472,6 +474,12 @@ def main():
     a.add_argument("--lr", type=float, default=1e-3)
     a.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
     a.add_argument("--out", required=True)
+    a.add_argument(
+        "--last",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also store the last weights (--no-last: the best only, half the file)",
+    )
     a.add_argument("--log", default="")
     a = sub.add_parser("export")
     a.add_argument("--weights", required=True)

@@ -86,16 +86,19 @@ def test_train_on_device_packs_losslessly_trains_and_exports(tiny_data, tmp_path
     tod.train(
         argparse.Namespace(
             pack=str(tmp_path / "pack"), config="tiny", fold=0, seconds=2.0, val_seconds=1.0,
-            batch=4, lr=1e-3, dtype="float32", out=weights, log="",
+            batch=4, lr=1e-3, dtype="float32", out=weights, log="", last=False,
             # One level deeper than configs/tiny.py, with 2.5-D input.
             set=["model.features=(8,16,16)", "data.context_slices=1"],
         )
     )  # fmt: skip
     meta = json.loads(str(np.load(weights)["meta"]))
+    assert not [k for k in np.load(weights).files if k.startswith("last.")]  # --no-last
     assert meta["steps"] > 0 and 0.0 <= meta["best"]["dice_mean"] <= 1.0
     export_args = argparse.Namespace(
         weights=weights, which="best", data_dir=tiny_data, out=str(tmp_path / "model")
     )
+    with pytest.raises(SystemExit, match="holds no 'last' weights"):
+        tod.export(argparse.Namespace(**{**vars(export_args), "which": "last"}))
     tod.export(export_args)
     with pytest.raises(SystemExit, match="already exists"):
         tod.export(export_args)  # an earlier export is never overwritten
