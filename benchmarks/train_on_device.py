@@ -20,7 +20,8 @@ Three commands:
   python benchmarks/train_on_device.py pack --data_dir=PATH/kaggle_3m --out_dir=PACK
 
   # On the accelerator: train one fold for a wall-time budget, validating as it goes;
-  # writes the best (by mean per-volume Dice) and last moving-average weights.
+  # writes the best (by mean per-volume Dice) and last moving-average weights
+  # (`--no-last`: the best only).
   python benchmarks/train_on_device.py train --pack=PACK --fold=0 \\
       --seconds=400 --out=fold0.npz
 
