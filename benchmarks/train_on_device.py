@@ -245,6 +245,7 @@ def train(args):
         "data.normalization": (config.data.normalization, "scale"),
         "data.crop_size": (config.data.crop_size, None),
         "data.tumor_area_weight": (config.data.tumor_area_weight, 0.0),
+        "data.soft_masks": (config.data.soft_masks, False),
         "augment.elastic": (config.augment.elastic, 0.0),
         "augment.blur": (config.augment.blur, 0.0),
         "augment.noise": (config.augment.noise, 0.0),

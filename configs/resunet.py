@@ -64,6 +64,10 @@ def get_config() -> ml_collections.ConfigDict:
     # Among tumour slices, draw each with probability ∝ 1 + w · (tumour area / mean area)
     # (Buda et al.: ∝ area plus a uniform part); 0 = uniformly. Needs tumor_fraction.
     config.data.tumor_area_weight = 0.0
+    # Train on each resized pixel's tumour share (soft targets) instead of the mask
+    # thresholded at half: keeps the boundary's sub-pixel position that scoring at the
+    # slice's own size asks for.
+    config.data.soft_masks = False
 
     # Synthetic phantom data (used when data.dir is empty).
     config.synthetic = ml_collections.ConfigDict()

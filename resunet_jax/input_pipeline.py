@@ -28,28 +28,33 @@ def _select_patients(dataset: tf.data.Dataset, patient_ids) -> tf.data.Dataset:
     return dataset.filter(lambda ex: tf.reduce_any(tf.equal(ex["patient_id"], wanted)))
 
 
-def resize_example(example, image_size: int):
+def resize_example(example, image_size: int, coverage: bool = False):
     """Resizes one decoded example to the model's input side.
 
     Args:
         example: {"image": [H, W, 3] uint8, "mask": [H, W, 1] uint8 in {0, 1}, ...}.
         image_size: output side S.
+        coverage: also return each output pixel's tumour coverage (`data.soft_masks`).
 
     Returns:
         The example with image [S, S, 3] uint8 and mask [S, S, 1] uint8 in {0, 1},
-        plus `orig_height`/`orig_width` (int32) to map predictions back.
+        plus `orig_height`/`orig_width` (int32) to map predictions back, and with
+        `coverage` a "coverage" [S, S, 1] uint8: the tumour's share of the pixel × 255.
     """
     shape = tf.shape(example["image"])
     image = tf.image.resize(example["image"], (image_size, image_size), antialias=True)
     # Area-resize then threshold keeps small lesions in proportion when shrinking.
     mask = tf.image.resize(tf.cast(example["mask"], tf.float32), (image_size, image_size), "area")
-    return dict(
+    out = dict(
         example,
         image=tf.cast(tf.clip_by_value(tf.round(image), 0, 255), tf.uint8),
         mask=tf.cast(mask >= 0.5, tf.uint8),
         orig_height=shape[0],
         orig_width=shape[1],
     )
+    if coverage:
+        out["coverage"] = tf.cast(tf.round(255.0 * tf.clip_by_value(mask, 0.0, 1.0)), tf.uint8)
+    return out
 
 
 def normalize(image, method: str = "scale", stats=None):
@@ -345,10 +350,11 @@ def _finish(
     noise=None,
     noise_seed=None,
     blur_radius: int = 0,
+    soft_mask: bool = False,
 ):
     """[B, S, S, 3n + 1] float (n slices' image channels, mask) → (blurred, noisy),
     gained (and gamma-corrected), normalised image (`stats` [B, 2, 3]: "volume"
-    statistics); binary mask.
+    statistics); the mask binary, or with `soft_mask` the resampled values as they are.
 
     The [B, 3] gains, gammas and noise levels act on every context slice's channels
     alike: the slices of one volume share a scanner's contrast."""
@@ -373,7 +379,7 @@ def _finish(
         image = 255.0 * tf.exp(gamma[:, None, None, :] * tf.math.log(image / 255.0))
     return {
         "image": normalize(image, normalization, stats),
-        "mask": tf.cast(slices[..., -1:] >= 0.5, tf.uint8),
+        "mask": slices[..., -1:] if soft_mask else tf.cast(slices[..., -1:] >= 0.5, tf.uint8),
     }
 
 
@@ -387,11 +393,13 @@ def augment(batch, params, config, normalization: str = "scale", crop_size: int 
     """Applies drawn augmentations (`augment_params`) to a batch and normalises it.
 
     Image and mask are resampled together, bilinearly (the mask thresholded at half),
-    so they stay aligned and the mask binary.
+    so they stay aligned and the mask binary. A batch with "coverage" (`data.soft_masks`)
+    has that resampled instead, and its mask is the tumour's share of each pixel.
 
     Args:
         batch: {"image": [B, S, S, 3n] uint8 (n = 2 data.context_slices + 1), "mask":
-            [B, S, S, 1] uint8 in {0, 1}, and
+            [B, S, S, 1] uint8 in {0, 1}, optionally "coverage": [B, S, S, 1] uint8 (share
+            × 255; `resize_example`), and
             for "volume" normalisation "norm": [B, 2, 3] the slices' volume statistics}.
         params: {"transform": [B, 8], "gain": [B, 3], "gamma": [B, 3] and optionally
             "displacement": [B, G, G, 2], "blur": [B], "noise": [B, 3], "noise_seed":
@@ -401,9 +409,12 @@ def augment(batch, params, config, normalization: str = "scale", crop_size: int 
         crop_size: output side C, as given to `augment_params`; None = S.
 
     Returns:
-        {"image": [B, C, C, 3n] float32 model input, "mask": [B, C, C, 1] uint8}.
+        {"image": [B, C, C, 3n] float32 model input, "mask": [B, C, C, 1] uint8, or
+        float32 in [0, 1] from "coverage"}.
     """
-    slices = tf.cast(tf.concat([batch["image"], batch["mask"]], axis=-1), tf.float32)
+    soft = "coverage" in batch
+    target = tf.cast(batch["coverage"], tf.float32) / 255.0 if soft else batch["mask"]
+    slices = tf.concat([tf.cast(batch["image"], tf.float32), tf.cast(target, tf.float32)], -1)
     displacement = params.get("displacement")
     if (
         config.flip
@@ -427,6 +438,7 @@ def augment(batch, params, config, normalization: str = "scale", crop_size: int 
         params.get("noise_seed"),
         # Two σ of the widest kernel drawn, so every kernel keeps >= 95% of its mass.
         max(1, math.ceil(2 * blur)),
+        soft,
     )
 
 
@@ -465,9 +477,9 @@ def create_train_dataset(
         seed: shuffling and augmentation seed; the stream is a pure function of it.
 
     Returns:
-        Dataset of {"image": float32 [D, b, C, C, 3n], "mask": uint8 [D, b, C, C, 1]},
-        D = local devices, b = per_process_batch / D, C = data.crop_size (else S),
-        n = 2 data.context_slices + 1.
+        Dataset of {"image": float32 [D, b, C, C, 3n], "mask": uint8 [D, b, C, C, 1]
+        (float32 tumour share of each pixel with `data.soft_masks`)}, D = local devices,
+        b = per_process_batch / D, C = data.crop_size (else S), n = 2 data.context_slices + 1.
     """
     devices = jax.local_device_count()
     if per_process_batch % devices:
@@ -476,8 +488,9 @@ def create_train_dataset(
             f"{devices} local devices"
         )
     ds = _select_patients(builder.as_dataset(split=lgg.SPLIT, shuffle_files=False), patient_ids)
-    ds = ds.map(lambda ex: resize_example(ex, config.data.image_size), tf.data.AUTOTUNE)
-    keep = ("image", "mask", "patient_id", "slice_index")
+    soft = config.data.get("soft_masks", False)
+    ds = ds.map(lambda ex: resize_example(ex, config.data.image_size, soft), tf.data.AUTOTUNE)
+    keep = ("image", "mask", "patient_id", "slice_index") + (("coverage",) if soft else ())
     ds = ds.map(lambda ex: {k: ex[k] for k in keep}).cache()
     if config.data.normalization == "volume":
         ds = _add_volume_stats(ds, patient_ids)

@@ -146,7 +146,8 @@ def train_step(
 
     Args:
         state: TrainState, identical on all devices.
-        batch: {"image": [b, S, S, 3] float32, "mask": [b, S, S, 1] {0, 1}}.
+        batch: {"image": [b, S, S, 3] float32, "mask": [b, S, S, 1] {0, 1}, or the
+            tumour's share of each pixel in [0, 1] (`data.soft_masks`)}.
         loss_fn: a `losses` function taking (logits, masks, axis_name).
         detection_weight: weight of the detection head's slice-level BCE (0: no head).
         ema_decay: decay of `state.ema`, capped early on at (1 + step) / (10 + step)
@@ -157,7 +158,9 @@ def train_step(
     Returns:
         (new state, metrics): metrics are global-batch scalars {"loss", "dice"}.
     """
-    has_tumor = jnp.any(batch["mask"] > 0, axis=(1, 2, 3))
+    # Soft masks are scored (and detected) as the binary mask they would threshold to.
+    binary_mask = batch["mask"] >= 0.5
+    has_tumor = jnp.any(binary_mask, axis=(1, 2, 3))
 
     def compute_loss(params):
         outputs, updates = state.apply_fn(
@@ -190,7 +193,7 @@ def train_step(
         {"params": new_state.params, "batch_stats": batch_stats}, state.ema, 1.0 - decay
     )
     new_state = new_state.replace(ema=ema)
-    counts = metrics.slice_counts(logits > 0, batch["mask"])
+    counts = metrics.slice_counts(logits > 0, binary_mask)
     totals = jax.lax.psum({k: jnp.sum(v) for k, v in counts.items()}, axis_name)
     dice = 2 * totals["intersection"] / jnp.maximum(totals["pred_area"] + totals["true_area"], 1)
     return new_state, {"loss": loss, "dice": dice}

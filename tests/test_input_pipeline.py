@@ -180,6 +180,39 @@ def test_resize_maps_masks_to_binary():
     assert out["mask"].numpy().sum() == 100  # 40x40 px at 1/4 scale
 
 
+def test_resize_coverage_is_the_tumour_share_of_each_pixel():
+    ex = {"image": np.zeros((256, 256, 3), np.uint8), "mask": np.zeros((256, 256, 1), np.uint8)}
+    ex["mask"][102:142, 101:141] = 1  # edges inside the 4x4 blocks of the 1/4 scale
+    out = input_pipeline.resize_example(ex, 64, coverage=True)
+    cov = out["coverage"].numpy()
+    assert cov.shape == (64, 64, 1) and cov.dtype == np.uint8
+    assert cov[25, 30, 0] == 128 and cov[30, 25, 0] == 191  # 2/4 and 3/4 of the pixel
+    assert cov[30, 30, 0] == 255 and cov[20, 20, 0] == 0
+    np.testing.assert_allclose(cov.sum() / 255, 40 * 40 / 16, rtol=1e-2)
+    np.testing.assert_array_equal(out["mask"].numpy(), cov >= 128)  # mask: share >= half
+    assert "coverage" not in input_pipeline.resize_example(ex, 64)
+
+
+def test_soft_masks_train_on_the_resampled_tumour_share(tiny_data, tmp_path):
+    builder = _builder(tiny_data, tmp_path)
+    ids = lgg.patient_ids(lgg.discover(tiny_data))
+    config = _config(16)  # from 32 px: edge pixels are partly tumour
+    batches = {}
+    for soft in (False, True):
+        config.data.soft_masks = soft
+        ds = input_pipeline.create_train_dataset(builder, ids[:4], config, 16, seed=0)
+        batches[soft] = next(input_pipeline.as_numpy(ds))
+    hard, soft = batches[False]["mask"], batches[True]["mask"]
+    assert soft.dtype == np.float32 and soft.shape == hard.shape
+    assert soft.min() >= 0 and soft.max() <= 1
+    assert np.mean((soft > 0) & (soft < 1)) > 0.005  # boundary pixels are shares
+    np.testing.assert_array_equal(batches[True]["image"], batches[False]["image"])
+    # Same slices, same warp: thresholded at half, the shares give the binary mask but
+    # for the few border pixels where resampling before or after thresholding differs.
+    assert np.mean((soft >= 0.5) == (hard > 0)) > 0.98
+    np.testing.assert_allclose(soft.sum(), hard.sum(), rtol=0.1)
+
+
 def test_crops_are_windows_of_the_slice_inside_it():
     # Pixel values encode their (x, y), so each crop shows where it was taken from.
     yy, xx = np.mgrid[:32, :32]

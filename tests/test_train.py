@@ -76,6 +76,17 @@ def test_loss_falls_when_training_on_one_batch():
     assert losses_seen[-1] < 0.85 * losses_seen[0]
 
 
+def test_soft_masks_are_the_loss_target_and_scored_as_their_binary_mask():
+    state, batch = _state_and_batch()
+    step = train.pmapped_train_step("dice_bce")
+    # Shares of 0.6 where the binary mask has tumour and 0.3 where it has none.
+    soft = dict(batch, mask=np.where(batch["mask"] > 0, 0.6, 0.3).astype(np.float32))
+    _, m_hard = step(state, parallel.split_for_devices(batch))
+    _, m_soft = step(state, parallel.split_for_devices(soft))
+    np.testing.assert_allclose(m_soft["dice"], m_hard["dice"], rtol=1e-6)
+    assert not np.allclose(m_soft["loss"], m_hard["loss"])
+
+
 def test_deep_supervision_loss_scores_each_head_against_the_pooled_mask():
     rng = np.random.default_rng(0)
     masks = (rng.uniform(size=(2, 8, 8, 1)) > 0.7).astype(np.uint8)
