@@ -413,8 +413,10 @@ def augment(batch, params, config, normalization: str = "scale", crop_size: int 
         float32 in [0, 1] from "coverage"}.
     """
     soft = "coverage" in batch
-    target = tf.cast(batch["coverage"], tf.float32) / 255.0 if soft else batch["mask"]
-    slices = tf.concat([tf.cast(batch["image"], tf.float32), tf.cast(target, tf.float32)], -1)
+    target = tf.cast(batch["coverage" if soft else "mask"], tf.float32)
+    if soft:  # tumour share x 255 -> share
+        target /= 255.0
+    slices = tf.concat([tf.cast(batch["image"], tf.float32), target], -1)
     displacement = params.get("displacement")
     if (
         config.flip
