@@ -196,7 +196,7 @@ def augment_params(seed, image_size: int, config, crop_size: int | None = None):
         seed: [2] int stateless seed.
         image_size: slice side S.
         config: `config.augment` (flip, rotate_degrees, scale, intensity, gamma,
-            elastic, blur, noise).
+            elastic, blur, noise, missing_sequences).
         crop_size: output side C <= S; the crop's centre is uniform over the positions
             that keep it inside the slice. None = S (no crop).
 
@@ -208,7 +208,9 @@ def augment_params(seed, image_size: int, config, crop_size: int | None = None):
         "blur": [] float32 Gaussian σ in output pixels, uniform in [0, blur]; with
         `noise` > 0 "noise": [3] float32 per-channel noise std as a fraction of the
         slice's mean head intensity, uniform in [0, noise], and "noise_seed": [2] the
-        seed of the noise field.
+        seed of the noise field; with `missing_sequences` p > 0 "missing": [2] bool,
+        whether the pre- and the post-contrast sequence are missing: with probability
+        p one of them or both (each of the three cases equally likely), else neither.
     """
     crop_size = crop_size or image_size
     seeds = tf.random.experimental.stateless_split(seed, 4)
@@ -250,7 +252,31 @@ def augment_params(seed, image_size: int, config, crop_size: int | None = None):
         noise_seed = tf.random.experimental.stateless_fold_in(seed, 8)
         params["noise"] = tf.random.stateless_uniform([3], noise_seed, 0.0, noise)
         params["noise_seed"] = tf.random.experimental.stateless_fold_in(seed, 9)
+    missing = config.get("missing_sequences", 0.0)
+    if missing:
+        u = tf.random.stateless_uniform([2], tf.random.experimental.stateless_fold_in(seed, 10))
+        case = tf.cast(tf.floor(u[1] * 3.0), tf.int32)  # 0: pre, 1: post, 2: both
+        drop = u[0] < missing
+        params["missing"] = tf.stack([drop & (case != 1), drop & (case != 0)])
     return params
+
+
+def drop_sequences(image, missing):
+    """Fills missing sequences with the FLAIR, as the LGG data do where one was not acquired.
+
+    Args:
+        image: [B, S, S, 3n] (n slices of pre-contrast, FLAIR, post-contrast).
+        missing: [B, 2] bool, pre-contrast and post-contrast missing.
+
+    Returns:
+        `image` with each missing sequence's channels replaced by the FLAIR's.
+    """
+    shape = tf.shape(image)
+    slices = tf.reshape(image, tf.concat([shape[:3], [image.shape[-1] // 3, 3]], 0))
+    flair = slices[..., 1]
+    pre = tf.where(missing[:, None, None, :1], flair, slices[..., 0])
+    post = tf.where(missing[:, None, None, 1:], flair, slices[..., 2])
+    return tf.reshape(tf.stack([pre, flair, post], -1), shape)
 
 
 def warp_bilinear(images, transforms, out_size: int | None = None, displacements=None):
@@ -403,7 +429,7 @@ def augment(batch, params, config, normalization: str = "scale", crop_size: int 
             for "volume" normalisation "norm": [B, 2, 3] the slices' volume statistics}.
         params: {"transform": [B, 8], "gain": [B, 3], "gamma": [B, 3] and optionally
             "displacement": [B, G, G, 2], "blur": [B], "noise": [B, 3], "noise_seed":
-            [B, 2]} (`augment_params`, batched).
+            [B, 2], "missing": [B, 2]} (`augment_params`, batched).
         config: `config.augment` (geometry off: the warp is skipped).
         normalization: `data.normalization` (see `normalize`).
         crop_size: output side C, as given to `augment_params`; None = S.
@@ -416,7 +442,12 @@ def augment(batch, params, config, normalization: str = "scale", crop_size: int 
     target = tf.cast(batch["coverage" if soft else "mask"], tf.float32)
     if soft:  # tumour share x 255 -> share
         target /= 255.0
-    slices = tf.concat([tf.cast(batch["image"], tf.float32), target], -1)
+    image, stats = batch["image"], batch.get("norm")
+    if "missing" in params:
+        image = drop_sequences(image, params["missing"])
+        if stats is not None:  # [B, 2, 3] mean and std per sequence: FLAIR's for both
+            stats = drop_sequences(stats[:, None], params["missing"])[:, 0]
+    slices = tf.concat([tf.cast(image, tf.float32), target], -1)
     displacement = params.get("displacement")
     if (
         config.flip
@@ -434,7 +465,7 @@ def augment(batch, params, config, normalization: str = "scale", crop_size: int 
         params["gain"],
         normalization,
         gamma,
-        batch.get("norm"),
+        stats,
         params.get("blur"),
         params.get("noise"),
         params.get("noise_seed"),
