@@ -190,6 +190,16 @@ def augment(key, images, masks, config):
     yy, xx = jnp.meshgrid(jnp.arange(s) - c, jnp.arange(s) - c, indexing="ij")
     src_x = c + (cos * flip)[:, None, None] * xx - sin[:, None, None] * yy
     src_y = c + (sin * flip)[:, None, None] * xx + cos[:, None, None] * yy
+    missing = config.get("missing_sequences", 0.0)
+    if missing:  # as input_pipeline.augment_params and drop_sequences
+        k_drop, k_case = jax.random.split(jax.random.fold_in(key, 6))
+        drop = jax.random.uniform(k_drop, (b,)) < missing
+        case = jax.random.randint(k_case, (b,), 0, 3)  # 0: pre, 1: post, 2: both
+        per_slice = images.reshape(*images.shape[:3], -1, 3)
+        flair = per_slice[..., 1]
+        pre = jnp.where((drop & (case != 1))[:, None, None, None], flair, per_slice[..., 0])
+        post = jnp.where((drop & (case != 0))[:, None, None, None], flair, per_slice[..., 2])
+        images = jnp.stack([pre, flair, post], -1).reshape(images.shape)
     slices = jnp.concatenate([images, masks], axis=-1).astype(jnp.float32)
 
     def warp(channel, y, x):  # bilinear, zeros outside, as input_pipeline.warp_bilinear

@@ -133,6 +133,9 @@ def get_config() -> ml_collections.ConfigDict:
     # "largest_component": keep each patient's largest 3D connected component (Buda et
     # al.); metrics.json reports both variants under postprocess_comparison.
     config.eval.postprocess = "none"
+    # "pre" | "post" | "both": evaluate as if that sequence (pre- or post-contrast) had
+    # not been acquired, its channel filled with the FLAIR as the LGG data do. "" = as is.
+    config.eval.missing_sequences = ""
 
     config.predict = ml_collections.ConfigDict()
     # --mode=predict input: a .tif, a folder of .tif slices, or a folder of patient folders.

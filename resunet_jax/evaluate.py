@@ -320,6 +320,8 @@ def evaluate_checkpoint(config, workdir: str, source: sources.Source | None = No
         data_dir=source.data_dir,
         synthetic_data=source.synthetic,
         split=config.eval.split,
+        # "" = the images as they are; else the sequences replaced by the FLAIR.
+        missing_sequences=config.eval.get("missing_sequences", ""),
         # None: the checkpoint does not list its training patients (written before
         # 2026-11-26), so the split of `data.fold` chose the patients.
         patients_seen_in_training=None if seen is None else len(seen),

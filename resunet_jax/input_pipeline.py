@@ -265,18 +265,28 @@ def drop_sequences(image, missing):
     """Fills missing sequences with the FLAIR, as the LGG data do where one was not acquired.
 
     Args:
-        image: [B, S, S, 3n] (n slices of pre-contrast, FLAIR, post-contrast).
-        missing: [B, 2] bool, pre-contrast and post-contrast missing.
+        image: [..., S, S, 3n] (n slices of pre-contrast, FLAIR, post-contrast).
+        missing: [..., 2] bool (the leading dimensions of `image`'s): pre-contrast and
+            post-contrast missing.
 
     Returns:
         `image` with each missing sequence's channels replaced by the FLAIR's.
     """
     shape = tf.shape(image)
-    slices = tf.reshape(image, tf.concat([shape[:3], [image.shape[-1] // 3, 3]], 0))
+    slices = tf.reshape(image, tf.concat([shape[:-1], [image.shape[-1] // 3, 3]], 0))
     flair = slices[..., 1]
-    pre = tf.where(missing[:, None, None, :1], flair, slices[..., 0])
-    post = tf.where(missing[:, None, None, 1:], flair, slices[..., 2])
+    pre = tf.where(missing[..., None, None, :1], flair, slices[..., 0])
+    post = tf.where(missing[..., None, None, 1:], flair, slices[..., 2])
     return tf.reshape(tf.stack([pre, flair, post], -1), shape)
+
+
+# `eval.missing_sequences` -> which of (pre-contrast, post-contrast) are missing.
+MISSING_SEQUENCES = {
+    "": (False, False),
+    "pre": (True, False),
+    "post": (False, True),
+    "both": (True, True),
+}
 
 
 def warp_bilinear(images, transforms, out_size: int | None = None, displacements=None):
@@ -593,6 +603,9 @@ def create_train_dataset(
 def create_eval_dataset(builder, patient_ids, config, batch_size: int) -> tf.data.Dataset:
     """Every slice of `patient_ids` once, cached after resizing.
 
+    With `eval.missing_sequences` set, the named sequences are replaced by the FLAIR
+    (`drop_sequences`): how the model fares on a patient without them.
+
     Returns:
         Dataset of {"image": float32 [b, S, S, 3n] (n = 2 data.context_slices + 1),
         "mask": uint8 [b, S, S, 1],
@@ -611,6 +624,13 @@ def create_eval_dataset(builder, patient_ids, config, batch_size: int) -> tf.dat
     if config.data.normalization == "volume":
         ds = _add_volume_stats(ds, patient_ids)
     ds = add_context(ds.map(lambda ex: dict(ex, display=ex["image"])), config.data.context_slices)
+    missing = config.eval.get("missing_sequences", "")
+    if missing not in MISSING_SEQUENCES:
+        raise ValueError(
+            f"unknown eval.missing_sequences {missing!r}; use one of {sorted(MISSING_SEQUENCES)}"
+        )
+    if missing:
+        ds = ds.map(lambda ex: _drop_example_sequences(ex, MISSING_SEQUENCES[missing]))
     ds = ds.map(
         lambda ex: dict(
             ex, image=normalize(ex["image"], config.data.normalization, ex.get("norm"))
@@ -618,6 +638,15 @@ def create_eval_dataset(builder, patient_ids, config, batch_size: int) -> tf.dat
         tf.data.AUTOTUNE,
     )
     return ds.padded_batch(batch_size).prefetch(tf.data.AUTOTUNE)
+
+
+def _drop_example_sequences(ex, missing):
+    """`drop_sequences` on one example (and its volume statistics, if any)."""
+    missing = tf.constant(missing)
+    ex = dict(ex, image=drop_sequences(ex["image"], missing))
+    if "norm" in ex:  # [2, 3] mean and std per sequence: FLAIR's for the missing ones
+        ex["norm"] = drop_sequences(ex["norm"][None], missing)[0]
+    return ex
 
 
 def as_numpy(ds: tf.data.Dataset):

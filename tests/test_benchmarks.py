@@ -63,6 +63,14 @@ def test_train_on_device_augment_flips_image_and_mask_together(tiny_data, tmp_pa
     assert 0 < sum(mirrored) < len(images)  # some slices flipped, some not
     for o, m, flipped in zip(out["mask"], masks, mirrored, strict=True):
         np.testing.assert_array_equal(o, m[:, ::-1] if flipped else m)
+    # Every slice loses its pre-contrast, its post-contrast or both to the FLAIR.
+    dropping = ml_collections.ConfigDict({**off, "missing_sequences": 1.0})
+    out = np.asarray(tod.augment(jax.random.key(0), images, masks, dropping)["image"])
+    flair = images[..., 1] / 255.0
+    pre = [np.allclose(o[..., 0], f, atol=1e-6) for o, f in zip(out, flair, strict=True)]
+    post = [np.allclose(o[..., 2], f, atol=1e-6) for o, f in zip(out, flair, strict=True)]
+    np.testing.assert_allclose(out[..., 1], flair, atol=1e-6)
+    assert all(np.logical_or(pre, post)) and sum(pre) < 16 and sum(post) < 16
 
 
 def test_train_on_device_packs_losslessly_trains_and_exports(tiny_data, tmp_path):

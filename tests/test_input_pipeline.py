@@ -377,3 +377,48 @@ def test_context_slices_add_the_neighbours_channels_around_the_slice(tiny_data, 
         np.testing.assert_array_equal(x[:-1, ..., 6:9], x[1:, ..., 3:6])
         np.testing.assert_array_equal(x[0, ..., 0:3], x[0, ..., 3:6])  # the ends repeat
         np.testing.assert_array_equal(x[-1, ..., 6:9], x[-1, ..., 3:6])
+
+
+def test_missing_sequences_are_filled_with_the_flair_of_their_slice():
+    # Two slices of context (6 channels): pre, FLAIR, post of each differ.
+    image = np.tile(np.arange(1, 7, dtype=np.uint8), (3, 4, 4, 1))
+    missing = np.array([[True, False], [False, True], [True, True]])
+    out = input_pipeline.drop_sequences(tf.constant(image), missing).numpy()
+    np.testing.assert_array_equal(
+        out[:, 0, 0], [[2, 2, 3, 5, 5, 6], [1, 2, 2, 4, 5, 5], [2, 2, 2, 5, 5, 5]]
+    )
+    aug = ml_collections.ConfigDict(
+        dict(flip=False, rotate_degrees=0.0, scale=0.0, intensity=0.0, gamma=0.0)
+    )
+    assert "missing" not in input_pipeline.augment_params(tf.constant([0, 1]), 8, aug)
+    aug.missing_sequences = 0.3
+    drawn = np.array(
+        [input_pipeline.augment_params(tf.constant([s, 1]), 8, aug)["missing"] for s in range(600)]
+    )
+    cases = {tuple(m): np.mean((drawn == m).all(1)) for m in ([0, 0], [1, 0], [0, 1], [1, 1])}
+    assert 0.64 < cases[(0, 0)] < 0.76  # 0.7 keep all three; 0.1 each way of losing some
+    assert all(0.06 < cases[m] < 0.14 for m in ((1, 0), (0, 1), (1, 1)))
+    # Through `augment`: the dropped channels carry the FLAIR (no gain, no geometry).
+    params = {"transform": tf.zeros([3, 8]), "gain": tf.ones([3, 3]), "missing": missing}
+    batch = {"image": image[..., :3], "mask": np.zeros((3, 4, 4, 1), np.uint8)}
+    out = input_pipeline.augment(batch, params, aug)["image"].numpy() * 255
+    np.testing.assert_allclose(out[:, 0, 0], [[2, 2, 3], [1, 2, 2], [2, 2, 2]], rtol=1e-6)
+
+
+def test_eval_can_score_as_if_sequences_were_missing(tiny_data, tmp_path):
+    builder = _builder(tiny_data, tmp_path)
+    ids = lgg.patient_ids(lgg.discover(tiny_data))[:1]
+    config = _config()
+
+    def images(missing):
+        config.eval.missing_sequences = missing
+        ds = input_pipeline.create_eval_dataset(builder, ids, config, 64)
+        return next(input_pipeline.as_numpy(ds))["image"]
+
+    full, pre, both = images(""), images("pre"), images("both")
+    assert not np.array_equal(full[..., 0], full[..., 1])
+    np.testing.assert_array_equal(pre[..., 0], full[..., 1])
+    np.testing.assert_array_equal(pre[..., 1:], full[..., 1:])
+    np.testing.assert_array_equal(both, np.repeat(full[..., 1:2], 3, -1))
+    with pytest.raises(ValueError, match="eval.missing_sequences 'flair'"):
+        images("flair")
