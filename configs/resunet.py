@@ -37,6 +37,10 @@ def get_config() -> ml_collections.ConfigDict:
     # blocks before the last (1/2, ..., 1/2**k of the side), with loss weights 1/2**j;
     # prediction uses the full-resolution head only. 0 = off.
     config.model.deep_supervision = 0
+    # True: two ResUNets, one for complete slices and one for slices whose pre-contrast
+    # is a FLAIR copy (not acquired), each slice routed to its model; evaluation and
+    # prediction only, joined from two trained models (checkpointing.join_no_contrast_expert).
+    config.model.no_contrast_expert = False
 
     config.data = ml_collections.ConfigDict()
     # A kaggle_3m-style folder; empty = synthetic phantom data generated under the workdir.

@@ -225,6 +225,70 @@ def export_model(directory: str, variables: dict, meta: dict):
     manager.close()
 
 
+def join_no_contrast_expert(complete: str, no_contrast: str) -> tuple[dict, dict]:
+    """Joins two trained models into one that routes slices by their pre-contrast.
+
+    The joined model (`model.no_contrast_expert`, models.NoContrastRouted) predicts
+    slices whose pre-contrast is a FLAIR copy with `no_contrast` and all others with
+    `complete`. Export it with `export_model`.
+
+    Args:
+        complete: workdir or checkpoint of the model for complete slices; the joined
+            model keeps its config, step and detection threshold.
+        no_contrast: workdir or checkpoint of the model for slices without their
+            pre-contrast (e.g. trained with `augment.missing_sequences`).
+
+    Returns:
+        (variables {"params", "batch_stats"}, each {"complete", "no_contrast"}; meta,
+        listing the patients either model trained on and where `no_contrast` came from).
+
+    Raises:
+        CheckpointError: either is joined already, or they differ in architecture or
+            in the input they read (image size, normalisation, context slices).
+    """
+    (v_complete, m_complete), (v_expert, m_expert) = map(restore_model, (complete, no_contrast))
+    for path, meta in ((complete, m_complete), (no_contrast, m_expert)):
+        if meta["config"]["model"].get("no_contrast_expert", False):
+            raise CheckpointError(f"{path}: already a joined model (model.no_contrast_expert)")
+    try:
+        check_compatible(v_expert, v_complete, int(m_expert["step"]))
+    except CheckpointError as e:
+        raise CheckpointError(f"{no_contrast} is not the architecture of {complete}: {e}") from e
+    data_complete, data_expert = m_complete["config"]["data"], m_expert["config"]["data"]
+    differ = [
+        f"data.{k}: {data_complete.get(k, default)!r} vs {data_expert.get(k, default)!r}"
+        for k, default in (("image_size", None), ("normalization", None), ("context_slices", 0))
+        if data_complete.get(k, default) != data_expert.get(k, default)
+    ]
+    if differ:
+        raise CheckpointError(
+            f"{complete} and {no_contrast} read different inputs ({'; '.join(differ)})"
+        )
+    config = json.loads(json.dumps(m_complete["config"]))
+    config["model"]["no_contrast_expert"] = True
+    meta = dict(
+        m_complete,
+        config=config,
+        no_contrast_expert={
+            "checkpoint": os.path.abspath(no_contrast),
+            "step": int(m_expert["step"]),
+            "val_metrics": m_expert.get("val_metrics", {}),
+        },
+    )
+    # Evaluation must skip the patients either model saw; unknown if either list is.
+    if "train_patients" in m_complete and "train_patients" in m_expert:
+        meta["train_patients"] = sorted(
+            set(m_complete["train_patients"]) | set(m_expert["train_patients"])
+        )
+    else:
+        meta.pop("train_patients", None)
+    variables = {
+        k: {"complete": v_complete[k], "no_contrast": v_expert[k]}
+        for k in ("params", "batch_stats")
+    }
+    return variables, meta
+
+
 def _candidates(path: str) -> list[tuple[str, int]]:
     """(manager directory, step) pairs to try for `path`, most preferred first.
 

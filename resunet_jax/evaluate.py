@@ -46,12 +46,17 @@ MODEL_FIELDS = (
     "model.dtype",
     "model.detection_head",
     "model.deep_supervision",
+    "model.no_contrast_expert",
     "data.image_size",
     "data.normalization",
     "data.context_slices",
 )
 # Values of fields added since the first checkpoints, for checkpoints saved without them.
-_SAVED_BEFORE = {"data.context_slices": 0, "model.deep_supervision": 0}
+_SAVED_BEFORE = {
+    "data.context_slices": 0,
+    "model.deep_supervision": 0,
+    "model.no_contrast_expert": False,
+}
 
 
 class Evaluator:

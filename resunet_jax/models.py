@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 # Keras BatchNormalization defaults of the seed model (momentum 0.99, epsilon 1e-3).
@@ -148,20 +149,80 @@ class ResUNet(nn.Module):
         return outputs
 
 
+def lacks_pre_contrast(x):
+    """Which slices have a FLAIR copy for their pre-contrast (the sequence not acquired).
+
+    The LGG data fill a sequence that was not acquired with the FLAIR, and
+    `--mode=predict` replicates a one-channel (FLAIR-only) scan to three channels, so a
+    missing pre-contrast is a channel equal to the FLAIR. Any normalisation keeps them
+    equal (a copied channel's statistics are the FLAIR's).
+
+    Args:
+        x: [B, H, W, 3n] images, n slices of (pre-contrast, FLAIR, post-contrast).
+
+    Returns:
+        [B] bool: every slice's pre-contrast equals its FLAIR, to 1e-3 of its scale.
+    """
+    slices = x.reshape(x.shape[:3] + (x.shape[3] // 3, 3)).astype(jnp.float32)
+    pre, flair = slices[..., 0], slices[..., 1]
+    return jnp.all(jnp.abs(pre - flair) <= 1e-3 * (1.0 + jnp.abs(flair)), axis=(1, 2, 3))
+
+
+class NoContrastRouted(nn.Module):
+    """Two ResUNets: one for complete slices, one for slices without the pre-contrast.
+
+    A model trained on complete scans needs the pre-contrast (with the FLAIR in its
+    place the shipped model's validation Dice falls from 0.83 to 0.59), and one trained
+    to do without it loses 0.03 on complete scans (docs/experiments.md). Routing each
+    slice by `lacks_pre_contrast` keeps both. Both networks run on every slice; the
+    model is assembled from two trained ones (`checkpointing.join_no_contrast_expert`),
+    not trained as one.
+
+    Attributes:
+        complete: the model for slices with their pre-contrast.
+        no_contrast: the model for slices whose pre-contrast is a FLAIR copy.
+    """
+
+    complete: nn.Module
+    no_contrast: nn.Module
+
+    def __call__(self, x, train: bool = False):
+        """Maps [B, H, W, C] images to the outputs of the model each slice is routed to."""
+        if train:
+            raise ValueError(
+                "NoContrastRouted joins two trained models for evaluation and prediction "
+                "(checkpointing.join_no_contrast_expert); train each on its own"
+            )
+        routed = lacks_pre_contrast(x)
+        complete, no_contrast = self.complete(x), self.no_contrast(x)
+
+        def select(a, b):
+            return jnp.where(routed.reshape((-1,) + (1,) * (a.ndim - 1)), b, a)
+
+        return jax.tree.map(select, complete, no_contrast)
+
+
 def input_channels(data_config) -> int:
     """Channels of the model input: three (FLAIR, pre- and post-contrast) per slice, and
     per context slice (`data.context_slices` on either side)."""
     return 3 * (2 * data_config.get("context_slices", 0) + 1)
 
 
-def create_model(model_config, axis_name: str | None = "batch") -> ResUNet:
-    """Builds the ResUNet from `config.model` (an ml_collections.ConfigDict or dict)."""
-    return ResUNet(
-        axis_name=axis_name,
-        stem_features=model_config["stem_features"],
-        features=tuple(model_config["features"]),
-        bottleneck_features=model_config["bottleneck_features"],
-        dtype=jnp.dtype(model_config["dtype"]),
-        detection_head=model_config.get("detection_head", False),
-        deep_supervision=model_config.get("deep_supervision", 0),
-    )
+def create_model(model_config, axis_name: str | None = "batch") -> nn.Module:
+    """Builds the ResUNet from `config.model` (an ml_collections.ConfigDict or dict);
+    with `no_contrast_expert`, two of them routed by `NoContrastRouted`."""
+
+    def resunet():
+        return ResUNet(
+            axis_name=axis_name,
+            stem_features=model_config["stem_features"],
+            features=tuple(model_config["features"]),
+            bottleneck_features=model_config["bottleneck_features"],
+            dtype=jnp.dtype(model_config["dtype"]),
+            detection_head=model_config.get("detection_head", False),
+            deep_supervision=model_config.get("deep_supervision", 0),
+        )
+
+    if model_config.get("no_contrast_expert", False):
+        return NoContrastRouted(complete=resunet(), no_contrast=resunet())
+    return resunet()

@@ -313,6 +313,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     from resunet_jax import evaluate, input_pipeline
     from resunet_jax.data import sources
 
+    if config.model.get("no_contrast_expert", False):
+        raise ValueError(
+            "model.no_contrast_expert is for evaluation and prediction: train the model for "
+            "complete scans and the one for scans without the pre-contrast on their own and "
+            "join them with checkpointing.join_no_contrast_expert"
+        )
     source = sources.open_source(config, workdir)
     config = source.config
     model = models.create_model(config.model)

@@ -84,3 +84,41 @@ def test_rejects_sides_not_divisible_by_the_pooling():
     model = models.ResUNet(stem_features=4, features=(8,), bottleneck_features=8)
     with pytest.raises(ValueError, match="divisible by 4"):
         model.init(jax.random.key(0), jnp.zeros((1, 18, 18, 3)))
+
+
+def test_lacks_pre_contrast_finds_flair_copies_in_every_slice_of_the_context():
+    rng = np.random.default_rng(0)
+    complete = rng.uniform(0, 2, (16, 16, 9)).astype(np.float32)  # three slices of three
+    copied = complete.copy()
+    copied[..., 0::3] = copied[..., 1::3]  # every slice's pre-contrast is its FLAIR
+    centre_only = complete.copy()
+    centre_only[..., 3] = centre_only[..., 4]
+    nearly = copied.copy()
+    nearly[..., 0] += 1e-5  # rounding, not another image
+    found = models.lacks_pre_contrast(jnp.stack([complete, copied, centre_only, nearly]))
+    np.testing.assert_array_equal(found, [False, True, False, True])
+
+
+def test_no_contrast_routed_gives_each_slice_its_models_output():
+    """Complete slices get the first model's logits, FLAIR-copy slices the second's."""
+    config = {"stem_features": 4, "features": (8,), "bottleneck_features": 8, "dtype": "float32"}
+    single = models.create_model(config)
+    x = jax.random.uniform(jax.random.key(1), (4, 16, 16, 3))
+    x = x.at[1:3, ..., 0].set(x[1:3, ..., 1])  # slices 1 and 2 without their pre-contrast
+    complete, no_contrast = (single.init(jax.random.key(k), x) for k in (0, 1))
+    joined = models.create_model(dict(config, no_contrast_expert=True))
+    variables = {
+        k: {"complete": complete[k], "no_contrast": no_contrast[k]}
+        for k in ("params", "batch_stats")
+    }
+    assert jax.tree.map(jnp.shape, joined.init(jax.random.key(0), x)) == jax.tree.map(
+        jnp.shape, variables
+    )
+    out = joined.apply(variables, x)
+    want = {0: single.apply(complete, x), 1: single.apply(no_contrast, x)}
+    for i, source in enumerate((0, 1, 1, 0)):
+        for key in ("mask", "tumor"):
+            np.testing.assert_allclose(out[key][i], want[source][key][i], rtol=1e-6)
+    assert not np.allclose(want[0]["mask"], want[1]["mask"])  # the test can tell them apart
+    with pytest.raises(ValueError, match="join_no_contrast_expert"):
+        joined.apply(variables, x, train=True, mutable=["batch_stats"])

@@ -223,3 +223,66 @@ def test_largest_component_post_processing_applies_per_folder_as_in_evaluation(
     config.eval.postprocess = "biggest"
     with pytest.raises(ValueError, match="eval.postprocess must be one of none, largest_component"):
         predict.predict(config, str(tmp_path / "bad"))
+
+
+def _export_tiny(path, seed, train_patients, **data):
+    config = tiny.get_config()
+    config.model.detection_head = False
+    config.data.update(data)
+    state = train.create_train_state(
+        jax.random.key(seed), config, models.create_model(config.model)
+    )
+    meta = {
+        "step": 10 + seed,
+        "config": checkpointing.config_json(config),
+        "val_metrics": {"detection_threshold": 0.4 + seed / 10},
+        "train_patients": train_patients,
+    }
+    variables = {"params": state.params, "batch_stats": state.batch_stats}
+    checkpointing.export_model(str(path), variables, meta)
+    return str(path)
+
+
+def test_joined_model_predicts_flair_only_slices_with_its_no_contrast_model(tmp_path):
+    complete = _export_tiny(tmp_path / "complete", 0, ["a", "b"])
+    no_contrast = _export_tiny(tmp_path / "no_contrast", 1, ["b", "c"])
+    variables, meta = checkpointing.join_no_contrast_expert(complete, no_contrast)
+    checkpointing.export_model(str(tmp_path / "joined"), variables, meta)
+    _, meta = checkpointing.restore_model(str(tmp_path / "joined"))
+    assert meta["config"]["model"]["no_contrast_expert"] is True
+    assert meta["train_patients"] == ["a", "b", "c"]  # evaluation skips all of them
+    assert meta["val_metrics"]["detection_threshold"] == 0.4  # the complete model's
+    assert meta["no_contrast_expert"]["step"] == 11
+
+    rng = np.random.default_rng(0)
+    os.makedirs(tmp_path / "in")
+    tifffile.imwrite(tmp_path / "in" / "rgb_1.tif", rng.integers(0, 256, (32, 32, 3), np.uint8))
+    tifffile.imwrite(tmp_path / "in" / "flair_2.tif", rng.integers(0, 256, (32, 32), np.uint8))
+
+    def tumor_probs(checkpoint):
+        config = tiny.get_config()
+        config.checkpoint = checkpoint
+        config.predict.input = str(tmp_path / "in")
+        rows = predict.predict(config, str(tmp_path / "work" / os.path.basename(checkpoint)))
+        return {os.path.basename(r["file"]): r["tumor_probability"] for r in rows}
+
+    joined, alone = tumor_probs(str(tmp_path / "joined")), tumor_probs(complete)
+    expert = tumor_probs(no_contrast)
+    assert joined["rgb_1.tif"] == pytest.approx(alone["rgb_1.tif"], abs=1e-6)
+    assert joined["flair_2.tif"] == pytest.approx(expert["flair_2.tif"], abs=1e-6)
+    assert expert["flair_2.tif"] != pytest.approx(alone["flair_2.tif"], abs=1e-4)
+
+
+def test_join_refuses_models_that_read_different_inputs_or_are_joined(tmp_path):
+    complete = _export_tiny(tmp_path / "complete", 0, ["a"])
+    other = _export_tiny(tmp_path / "other", 1, ["a"], normalization="volume")
+    with pytest.raises(checkpointing.CheckpointError, match="data.normalization: 'scale' vs"):
+        checkpointing.join_no_contrast_expert(complete, other)
+    variables, meta = checkpointing.join_no_contrast_expert(complete, complete)
+    checkpointing.export_model(str(tmp_path / "joined"), variables, meta)
+    with pytest.raises(checkpointing.CheckpointError, match="joined already|already a joined"):
+        checkpointing.join_no_contrast_expert(str(tmp_path / "joined"), complete)
+    config = tiny.get_config()
+    config.model.no_contrast_expert = True
+    with pytest.raises(ValueError, match="join_no_contrast_expert"):
+        train.train_and_evaluate(config, str(tmp_path / "work"))
