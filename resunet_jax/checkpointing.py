@@ -270,7 +270,7 @@ def join_no_contrast_expert(complete: str, no_contrast: str) -> tuple[dict, dict
         m_complete,
         config=config,
         no_contrast_expert={
-            "checkpoint": os.path.abspath(no_contrast),
+            "checkpoint": no_contrast,
             "step": int(m_expert["step"]),
             "val_metrics": m_expert.get("val_metrics", {}),
         },

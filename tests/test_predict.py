@@ -116,6 +116,8 @@ def test_shipped_weights_restore_and_call_an_empty_slice_tumour_free(tmp_path):
     variables, meta = checkpointing.restore_model(shipped)
     assert set(variables) == {"params", "batch_stats"}  # no optimizer state
     assert meta["config"]["data"]["image_size"] == 128
+    assert meta["config"]["model"]["no_contrast_expert"]  # two networks, routed per slice
+    assert set(variables["params"]) == {"complete", "no_contrast"}
     os.makedirs(tmp_path / "in")
     tifffile.imwrite(tmp_path / "in" / "blank_1.tif", np.zeros((256, 256, 3), np.uint8))
     config = tiny.get_config()
