@@ -172,9 +172,9 @@ class NoContrastRouted(nn.Module):
     """Two ResUNets: one for complete slices, one for slices without the pre-contrast.
 
     A model trained on complete scans needs the pre-contrast (with the FLAIR in its
-    place the shipped model's validation Dice falls from 0.83 to 0.59), and one trained
-    to do without it loses 0.03 on complete scans (docs/experiments.md). Routing each
-    slice by `lacks_pre_contrast` keeps both. Both networks run on every slice; the
+    place the recipe's validation Dice falls from 0.83 to 0.59), and ones trained to do
+    without it read 0.80-0.81 on complete scans (docs/experiments.md). Routing each
+    slice by `lacks_pre_contrast` keeps the best of both. Both networks run on every slice; the
     model is assembled from two trained ones (`checkpointing.join_no_contrast_expert`),
     not trained as one.
 
