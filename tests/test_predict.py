@@ -11,18 +11,41 @@ from resunet_jax import checkpointing, models, postprocess, predict, train
 from resunet_jax.data import lgg
 
 
-@pytest.fixture(scope="module")
-def exported_model(tmp_path_factory):
-    """An untrained tiny model exported like pretrained weights (params + BN only)."""
+def _export_tiny(path, seed=0, train_patients=None, **data):
+    """Exports an untrained tiny model like the shipped weights (params + BN only).
+
+    Args:
+        path: export directory.
+        seed: parameter init; also sets meta's step (10 + seed) and detection
+            threshold (0.4 + seed / 10), so two exports can be told apart.
+        train_patients: meta's training patients (omitted when None).
+        **data: `config.data` overrides (e.g. normalization="volume").
+
+    Returns:
+        `path` as a string.
+    """
     config = tiny.get_config()
     config.model.detection_head = False  # "tumour" = non-empty mask, so some slices are
-    state = train.create_train_state(jax.random.key(0), config, models.create_model(config.model))
-    path = str(tmp_path_factory.mktemp("model"))
-    meta = {"step": 0, "config": checkpointing.config_json(config)}
-    checkpointing.export_model(
-        path, {"params": state.params, "batch_stats": state.batch_stats}, meta
+    config.data.update(data)
+    state = train.create_train_state(
+        jax.random.key(seed), config, models.create_model(config.model)
     )
-    return path
+    meta = {
+        "step": 10 + seed,
+        "config": checkpointing.config_json(config),
+        "val_metrics": {"detection_threshold": 0.4 + seed / 10},
+    }
+    if train_patients is not None:
+        meta["train_patients"] = train_patients
+    variables = {"params": state.params, "batch_stats": state.batch_stats}
+    checkpointing.export_model(str(path), variables, meta)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def exported_model(tmp_path_factory):
+    """An untrained tiny model exported like pretrained weights."""
+    return _export_tiny(tmp_path_factory.mktemp("model"))
 
 
 def _inputs(folder):
@@ -130,13 +153,7 @@ def test_shipped_weights_restore_and_call_an_empty_slice_tumour_free(tmp_path):
 def test_volume_normalised_model_predicts_a_folder_the_same_at_any_gain(tmp_path):
     """ "volume" statistics come from the slice's folder, so a patient scanned at twice
     the gain gets the same predictions."""
-    config = tiny.get_config()
-    config.data.normalization = "volume"
-    state = train.create_train_state(jax.random.key(0), config, models.create_model(config.model))
-    meta = {"step": 0, "config": checkpointing.config_json(config)}
-    checkpointing.export_model(
-        str(tmp_path / "model"), {"params": state.params, "batch_stats": state.batch_stats}, meta
-    )
+    _export_tiny(tmp_path / "model", normalization="volume")
     rng = np.random.default_rng(0)
     images = rng.integers(0, 128, (3, 32, 32, 3), np.uint8)
     images[:, :6] = 0  # background
@@ -161,14 +178,8 @@ def test_volume_normalised_model_predicts_a_folder_the_same_at_any_gain(tmp_path
 def test_context_model_takes_neighbours_from_the_folder_in_natural_order(tmp_path):
     """A 2.5-D model (data.context_slices=1) sees each slice with the slices before and
     after it in its folder: s_2 and s_10 are neighbours, s_1 and s_10 are not."""
-    config = tiny.get_config()
-    config.data.context_slices = 1
-    state = train.create_train_state(jax.random.key(0), config, models.create_model(config.model))
-    assert state.params["stem_conv1"]["kernel"].shape[2] == 9
-    meta = {"step": 0, "config": checkpointing.config_json(config)}
-    checkpointing.export_model(
-        str(tmp_path / "model"), {"params": state.params, "batch_stats": state.batch_stats}, meta
-    )
+    variables, _ = checkpointing.restore_model(_export_tiny(tmp_path / "model", context_slices=1))
+    assert variables["params"]["stem_conv1"]["kernel"].shape[2] == 9
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (4, 32, 32, 3), np.uint8)
     for folder, last in (("a", images[2]), ("b", images[3])):  # only s_10 differs
@@ -225,24 +236,6 @@ def test_largest_component_post_processing_applies_per_folder_as_in_evaluation(
     config.eval.postprocess = "biggest"
     with pytest.raises(ValueError, match="eval.postprocess must be one of none, largest_component"):
         predict.predict(config, str(tmp_path / "bad"))
-
-
-def _export_tiny(path, seed, train_patients, **data):
-    config = tiny.get_config()
-    config.model.detection_head = False
-    config.data.update(data)
-    state = train.create_train_state(
-        jax.random.key(seed), config, models.create_model(config.model)
-    )
-    meta = {
-        "step": 10 + seed,
-        "config": checkpointing.config_json(config),
-        "val_metrics": {"detection_threshold": 0.4 + seed / 10},
-        "train_patients": train_patients,
-    }
-    variables = {"params": state.params, "batch_stats": state.batch_stats}
-    checkpointing.export_model(str(path), variables, meta)
-    return str(path)
 
 
 def test_joined_model_predicts_flair_only_slices_with_its_no_contrast_model(tmp_path):
