@@ -103,6 +103,11 @@ def get_config() -> ml_collections.ConfigDict:
     # model needs all three: with the FLAIR in the pre-contrast channel the shipped
     # model's validation Dice falls from 0.83 to 0.59. 0 = off.
     config.augment.missing_sequences = 0.0
+    # Tumour copy-paste (TumorCP): with this probability a training slice receives the
+    # tumour of the next slice in its batch (its pixels under that slice's mask, where
+    # this slice has head) and the union of both masks, after both are warped. Raises
+    # the share of tumour slices (to ~0.5 + p/4 with tumor_fraction 0.5). 0 = off.
+    config.augment.tumor_paste = 0.0
 
     config.loss = "dice_bce"  # focal_tversky (the seed's) | dice | bce | dice_bce | slice_dice_bce
     config.detection_loss_weight = 0.5  # weight of the detection head's BCE

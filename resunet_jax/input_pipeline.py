@@ -196,7 +196,7 @@ def augment_params(seed, image_size: int, config, crop_size: int | None = None):
         seed: [2] int stateless seed.
         image_size: slice side S.
         config: `config.augment` (flip, rotate_degrees, scale, intensity, gamma,
-            elastic, blur, noise, missing_sequences).
+            elastic, blur, noise, missing_sequences, tumor_paste).
         crop_size: output side C <= S; the crop's centre is uniform over the positions
             that keep it inside the slice. None = S (no crop).
 
@@ -210,7 +210,9 @@ def augment_params(seed, image_size: int, config, crop_size: int | None = None):
         slice's mean head intensity, uniform in [0, noise], and "noise_seed": [2] the
         seed of the noise field; with `missing_sequences` p > 0 "missing": [2] bool,
         whether the pre- and the post-contrast sequence are missing: with probability
-        p one of them or both (each of the three cases equally likely), else neither.
+        p one of them or both (each of the three cases equally likely), else neither;
+        with `tumor_paste` p > 0 "paste": [] bool, true with probability p (see
+        `paste_tumours`).
     """
     crop_size = crop_size or image_size
     seeds = tf.random.experimental.stateless_split(seed, 4)
@@ -258,6 +260,10 @@ def augment_params(seed, image_size: int, config, crop_size: int | None = None):
         case = tf.cast(tf.floor(u[1] * 3.0), tf.int32)  # 0: pre, 1: post, 2: both
         drop = u[0] < missing
         params["missing"] = tf.stack([drop & (case != 1), drop & (case != 0)])
+    paste = config.get("tumor_paste", 0.0)
+    if paste:
+        u = tf.random.stateless_uniform([], tf.random.experimental.stateless_fold_in(seed, 11))
+        params["paste"] = u < paste
     return params
 
 
@@ -287,6 +293,33 @@ MISSING_SEQUENCES = {
     "post": (False, True),
     "both": (True, True),
 }
+
+
+def paste_tumours(slices, paste):
+    """Pastes each slice's tumour into the slice before it in the batch (TumorCP).
+
+    Copy-paste augmentation (Ghiasi et al. 2021; for tumours, Yang et al. 2021): a
+    receiving slice gets the donor's pixels under the donor's mask, where the receiver
+    has head, and the union of both masks. The slices of a batch are already warped
+    apart and come from different patients most of the time, so a lesion is shown in
+    another brain, at another place, next to other tissue.
+
+    Args:
+        slices: [B, S, S, 3n + 1] float32: image channels (0-255) and the mask (or
+            tumour share) in [0, 1], as `augment` resamples them.
+        paste: [B] bool, whether slice i receives slice (i + 1) mod B's tumour.
+
+    Returns:
+        [B, S, S, 3n + 1] float32; slices with `paste` false (and donors without
+        tumour) unchanged.
+    """
+    donor = tf.roll(slices, shift=-1, axis=0)
+    image, mask = slices[..., :-1], slices[..., -1:]
+    head = tf.cast(tf.reduce_max(image, axis=-1, keepdims=True) > 0, tf.float32)
+    # The donor mask's resampled values blend the edge over about a pixel.
+    alpha = donor[..., -1:] * head * tf.cast(paste, tf.float32)[:, None, None, None]
+    image = image * (1.0 - alpha) + donor[..., :-1] * alpha
+    return tf.concat([image, tf.maximum(mask, alpha)], -1)
 
 
 def warp_bilinear(images, transforms, out_size: int | None = None, displacements=None):
@@ -439,7 +472,7 @@ def augment(batch, params, config, normalization: str = "scale", crop_size: int 
             for "volume" normalisation "norm": [B, 2, 3] the slices' volume statistics}.
         params: {"transform": [B, 8], "gain": [B, 3], "gamma": [B, 3] and optionally
             "displacement": [B, G, G, 2], "blur": [B], "noise": [B, 3], "noise_seed":
-            [B, 2], "missing": [B, 2]} (`augment_params`, batched).
+            [B, 2], "missing": [B, 2], "paste": [B]} (`augment_params`, batched).
         config: `config.augment` (geometry off: the warp is skipped).
         normalization: `data.normalization` (see `normalize`).
         crop_size: output side C, as given to `augment_params`; None = S.
@@ -467,6 +500,8 @@ def augment(batch, params, config, normalization: str = "scale", crop_size: int 
         or displacement is not None
     ):
         slices = _warp_xla(slices, params["transform"], crop_size, displacement)
+    if "paste" in params:
+        slices = paste_tumours(slices, params["paste"])
     # With intensity 0 the drawn gains are exactly 1 (see augment_params).
     gamma = params["gamma"] if config.gamma else None
     blur = config.get("blur", 0.0)

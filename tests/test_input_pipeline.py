@@ -405,6 +405,43 @@ def test_missing_sequences_are_filled_with_the_flair_of_their_slice():
     np.testing.assert_allclose(out[:, 0, 0], [[2, 2, 3], [1, 2, 2], [2, 2, 2]], rtol=1e-6)
 
 
+def test_tumour_paste_moves_the_next_slices_tumour_into_the_head():
+    """Slice 0 receives slice 1's tumour (inside its own head only) and keeps its own;
+    slice 1 receives from tumour-free slice 2 and slice 2 (paste false) from slice 0:
+    both unchanged."""
+    image = np.zeros((3, 8, 8, 3), np.float32)
+    mask = np.zeros((3, 8, 8, 1), np.float32)
+    image[0, :, :5] = 10.0  # head of slice 0: columns 0-4
+    mask[0, 0, 0] = 1.0  # its own tumour
+    image[1] = 200.0
+    mask[1, 2:4, 3:7] = 1.0  # donor tumour, half outside slice 0's head
+    image[2] = 50.0  # no tumour: receiving from it changes nothing
+    slices = tf.constant(np.concatenate([image, mask], -1))
+    out = input_pipeline.paste_tumours(slices, tf.constant([True, True, False])).numpy()
+    want = np.concatenate([image, mask], -1)
+    want[0, 2:4, 3:5] = 200.0, 200.0, 200.0, 1.0  # inside the head only
+    np.testing.assert_array_equal(out, want)
+    np.testing.assert_array_equal(
+        input_pipeline.paste_tumours(slices, tf.constant([False] * 3)).numpy(), slices.numpy()
+    )
+    aug = ml_collections.ConfigDict(
+        dict(flip=False, rotate_degrees=0.0, scale=0.0, intensity=0.0, gamma=0.0)
+    )
+    assert "paste" not in input_pipeline.augment_params(tf.constant([0, 1]), 8, aug)
+    aug.tumor_paste = 0.25
+    drawn = [
+        input_pipeline.augment_params(tf.constant([s, 1]), 8, aug)["paste"] for s in range(400)
+    ]
+    assert 0.19 < np.mean(drawn) < 0.31
+    # Through `augment`, on uint8 slices: the pasted tumour is in the mask and the image.
+    paste = [True, True, False]
+    params = {"transform": tf.zeros([3, 8]), "gain": tf.ones([3, 3]), "paste": paste}
+    batch = {"image": image.astype(np.uint8), "mask": mask.astype(np.uint8)}
+    out = input_pipeline.augment(batch, params, aug)
+    np.testing.assert_array_equal(out["mask"].numpy(), want[..., 3:].astype(np.uint8))
+    np.testing.assert_allclose(out["image"].numpy()[0, 2, 3], [200 / 255.0] * 3, rtol=1e-6)
+
+
 def test_eval_can_score_as_if_sequences_were_missing(tiny_data, tmp_path):
     builder = _builder(tiny_data, tmp_path)
     ids = lgg.patient_ids(lgg.discover(tiny_data))[:1]
