@@ -207,6 +207,14 @@ def augment(key, images, masks, config):
 
     per_channel = jax.vmap(warp, in_axes=(2, None, None), out_axes=2)
     slices = jax.vmap(per_channel)(slices, src_y, src_x)
+    paste = config.get("tumor_paste", 0.0)
+    if paste:  # as input_pipeline.augment_params and paste_tumours
+        on = jax.random.uniform(jax.random.fold_in(key, 7), (b,)) < paste
+        donor = jnp.roll(slices, -1, axis=0)
+        head = slices[..., :-1].max(axis=-1, keepdims=True) > 0
+        alpha = donor[..., -1:] * head * on[:, None, None, None]
+        image = slices[..., :-1] * (1.0 - alpha) + donor[..., :-1] * alpha
+        slices = jnp.concatenate([image, jnp.maximum(slices[..., -1:], alpha)], axis=-1)
     i, g = config.intensity, config.gamma
     # One gain and gamma per modality, shared by the context slices (one scanner).
     repeats = images.shape[-1] // 3

@@ -45,6 +45,9 @@ def test_train_on_device_augment_flips_image_and_mask_together(tiny_data, tmp_pa
     import jax
     import ml_collections
     import numpy as np
+    import tensorflow as tf
+
+    from resunet_jax import input_pipeline
 
     tod = _train_on_device()
     tod.pack(tiny_data, str(tmp_path), "tiny")
@@ -71,6 +74,14 @@ def test_train_on_device_augment_flips_image_and_mask_together(tiny_data, tmp_pa
     post = [np.allclose(o[..., 2], f, atol=1e-6) for o, f in zip(out, flair, strict=True)]
     np.testing.assert_allclose(out[..., 1], flair, atol=1e-6)
     assert all(np.logical_or(pre, post)) and sum(pre) < 16 and sum(post) < 16
+    # Every slice receives the next one's tumour, as input_pipeline.paste_tumours does.
+    pasting = ml_collections.ConfigDict({**off, "tumor_paste": 1.0})
+    out = tod.augment(jax.random.key(0), images, masks, pasting)
+    slices = np.concatenate([images, masks], -1).astype(np.float32)
+    want = input_pipeline.paste_tumours(tf.constant(slices), tf.constant([True] * 16)).numpy()
+    assert (want[..., -1] > masks[..., 0]).any()  # some slice gained tumour pixels
+    np.testing.assert_allclose(out["image"], want[..., :-1] / 255.0, atol=1e-6)
+    np.testing.assert_array_equal(out["mask"][..., 0], want[..., -1] >= 0.5)
 
 
 def test_train_on_device_packs_losslessly_trains_and_exports(tiny_data, tmp_path):
