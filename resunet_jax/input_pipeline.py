@@ -295,6 +295,14 @@ MISSING_SEQUENCES = {
 }
 
 
+def _head_mask(images):
+    """[B, H, W, C] intensities -> [B, H, W, 1] float32, 1 where any channel is > 0.
+
+    Outside the head the scans are exactly 0 in every channel, so this is the head.
+    """
+    return tf.cast(tf.reduce_max(images, axis=-1, keepdims=True) > 0, tf.float32)
+
+
 def paste_tumours(slices, paste):
     """Pastes each slice's tumour into the slice before it in the batch (TumorCP).
 
@@ -315,7 +323,7 @@ def paste_tumours(slices, paste):
     """
     donor = tf.roll(slices, shift=-1, axis=0)
     image, mask = slices[..., :-1], slices[..., -1:]
-    head = tf.cast(tf.reduce_max(image, axis=-1, keepdims=True) > 0, tf.float32)
+    head = _head_mask(image)
     # The donor mask's resampled values blend the edge over about a pixel.
     alpha = donor[..., -1:] * head * tf.cast(paste, tf.float32)[:, None, None, None]
     image = image * (1.0 - alpha) + donor[..., :-1] * alpha
@@ -402,7 +410,7 @@ def add_noise(images, fraction, seed):
         [B, H, W, C] float32; background pixels stay exactly 0, so that the model never
         sees noise where real scans have none.
     """
-    head = tf.cast(tf.reduce_max(images, axis=-1, keepdims=True) > 0, tf.float32)
+    head = _head_mask(images)
     area = tf.maximum(tf.reduce_sum(head, axis=(1, 2)), 1.0)  # [B, 1]
     mean = tf.reduce_sum(images * head, axis=(1, 2)) / area  # [B, C]
     std = (fraction * mean)[:, None, None, :]
