@@ -79,7 +79,8 @@ def load_slice(path: str) -> np.ndarray:
     uint16/int/float images are rescaled by their own range to 0..255.
 
     Raises:
-        lgg.DataError: unreadable, not an image, or an unsupported shape.
+        lgg.DataError: unreadable, not an image, an unsupported shape or pixel type,
+            or non-finite pixels.
     """
     image = lgg.read_tif(path)
     if image.ndim == 3 and image.shape[0] in (1, 3) and image.shape[-1] not in (1, 3, 4):
@@ -87,16 +88,22 @@ def load_slice(path: str) -> np.ndarray:
     if image.ndim == 2:
         image = image[..., None]
     if image.ndim != 3 or image.shape[-1] not in (1, 3, 4) or min(image.shape[:2]) < 8:
-        raise lgg.DataError(f"{path}: not a 2-D slice (shape {image.shape})")
+        raise lgg.DataError(
+            f"{path}: not a 2-D slice (shape {image.shape}; expected [H, W], "
+            "[H, W, 1|3|4] or [3, H, W], at least 8x8; save a stack one slice per file)"
+        )
     image = image[..., :3] if image.shape[-1] == 4 else image
     image = np.repeat(image, 3, axis=-1) if image.shape[-1] == 1 else image
     if image.dtype != np.uint8:
         if not (np.issubdtype(image.dtype, np.integer) or np.issubdtype(image.dtype, np.floating)):
             raise lgg.DataError(f"{path}: unsupported pixel type {image.dtype}")
         image = image.astype(np.float64)
-        lo, hi = np.nanmin(image), np.nanmax(image)
-        if not np.isfinite([lo, hi]).all():
-            raise lgg.DataError(f"{path}: image has non-finite pixels")
+        # A NaN pixel would cast to an arbitrary uint8 value and an inf spoil the range,
+        # so both are errors rather than silently wrong inputs.
+        bad = int((~np.isfinite(image).all(axis=-1)).sum())
+        if bad:
+            raise lgg.DataError(f"{path}: {bad} non-finite pixels (NaN or inf)")
+        lo, hi = image.min(), image.max()
         image = np.round((image - lo) * (255.0 / (hi - lo) if hi > lo else 0.0)).astype(np.uint8)
     return image
 

@@ -119,6 +119,22 @@ def test_load_slice_normalises_channels_and_depth(tmp_path):
     assert predict.load_slice(str(chw)).shape == (20, 24, 3)
 
 
+def test_load_slice_names_the_file_and_the_problem(tmp_path):
+    nan = np.ones((16, 16), np.float32)
+    nan[3, 4] = np.nan
+    tifffile.imwrite(tmp_path / "nan.tif", nan)
+    tifffile.imwrite(tmp_path / "two.tif", np.zeros((16, 16, 2), np.uint8))
+    tifffile.imwrite(tmp_path / "stack.tif", np.zeros((4, 16, 16, 3), np.uint8))
+    for name, problem in (
+        ("nan.tif", "1 non-finite pixels (NaN or inf)"),
+        ("two.tif", "not a 2-D slice (shape (16, 16, 2);"),
+        ("stack.tif", "not a 2-D slice (shape (4, 16, 16, 3);"),
+    ):
+        with pytest.raises(lgg.DataError) as e:
+            predict.load_slice(str(tmp_path / name))
+        assert str(e.value).startswith(f"{tmp_path / name}: {problem}")
+
+
 def test_predict_errors_on_empty_or_missing_input(tmp_path, exported_model):
     config = tiny.get_config()
     config.checkpoint = exported_model
