@@ -52,6 +52,10 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+# input_pipeline.HEAD_LEVEL (that module imports TensorFlow): the tumour paste's head is
+# where any channel exceeds it.
+HEAD_LEVEL = 10.0
+
 
 def _pack_patient(out: str, slices, fold_of: dict):
     from resunet_jax.data import lgg
@@ -211,7 +215,7 @@ def augment(key, images, masks, config):
     if paste:  # as input_pipeline.augment_params and paste_tumours
         on = jax.random.uniform(jax.random.fold_in(key, 7), (b,)) < paste
         donor = jnp.roll(slices, -1, axis=0)
-        head = slices[..., :-1].max(axis=-1, keepdims=True) > 0
+        head = slices[..., :-1].max(axis=-1, keepdims=True) > HEAD_LEVEL
         alpha = donor[..., -1:] * head * on[:, None, None, None]
         image = slices[..., :-1] * (1.0 - alpha) + donor[..., :-1] * alpha
         slices = jnp.concatenate([image, jnp.maximum(slices[..., -1:], alpha)], axis=-1)

@@ -62,8 +62,8 @@ def normalize(image, method: str = "scale", stats=None):
 
     "scale": x / 255. "slice": each channel of each slice standardised to zero mean,
     unit variance. "volume": each channel standardised by the mean and standard
-    deviation of x over its patient's brain pixels (`volume_stats`), so a lesion is
-    as bright as it is relative to that patient's brain, whatever the scanner's gain.
+    deviation of x over its patient's non-zero pixels (`volume_stats`), so a lesion
+    is as bright as it is relative to that patient's scan, whatever the scanner's gain.
 
     Args:
         image: [..., H, W, 3n]: n slices' three channels (n > 1: `add_context`).
@@ -87,36 +87,38 @@ def normalize(image, method: str = "scale", stats=None):
 
 
 def slice_moments(image):
-    """Brain-pixel moments of a slice, summed over slices into `volume_stats`.
+    """Moments of a slice's non-zero pixels, summed over slices into `volume_stats`.
 
-    Brain pixels are those with any channel non-zero (the slices are skull-stripped:
-    background is 0), so the statistics do not depend on how much of the field of
-    view the head fills.
+    Counted are the pixels with any channel non-zero. The LGG slices are not
+    skull-stripped and their background is dim noise, exactly 0 in only a few per cent
+    of the pixels, so this is most of the field of view, background included; a fixed
+    level such as `HEAD_LEVEL` would make the statistics change with the image's gain,
+    which this normalisation is there to remove.
 
     Args:
         image: [..., H, W, 3] uint8 (or float in [0, 255]).
 
     Returns:
-        [..., 3, 3] float32: rows (brain pixel count, sum of x, sum of x²), columns the
+        [..., 3, 3] float32: rows (pixel count, sum of x, sum of x²), columns the
         channels, x = value / 255.
     """
     x = tf.cast(image, tf.float32) / 255.0
-    brain = tf.cast(tf.reduce_any(x > 0, axis=-1, keepdims=True), tf.float32)
-    count = tf.reduce_sum(brain, axis=[-3, -2]) * tf.ones_like(x[..., 0, 0, :])
-    total = tf.reduce_sum(x * brain, axis=[-3, -2])
-    squares = tf.reduce_sum(x * x * brain, axis=[-3, -2])
+    nonzero = tf.cast(tf.reduce_any(x > 0, axis=-1, keepdims=True), tf.float32)
+    count = tf.reduce_sum(nonzero, axis=[-3, -2]) * tf.ones_like(x[..., 0, 0, :])
+    total = tf.reduce_sum(x * nonzero, axis=[-3, -2])
+    squares = tf.reduce_sum(x * x * nonzero, axis=[-3, -2])
     return tf.stack([count, total, squares], axis=-2)
 
 
 def volume_stats(moments) -> np.ndarray:
-    """Per-channel mean and standard deviation of a volume's brain pixels.
+    """Per-channel mean and standard deviation of a volume's non-zero pixels.
 
     Args:
         moments: [3, 3] `slice_moments` summed over the volume's slices.
 
     Returns:
-        [2, 3] float32 (mean, std) of x = value / 255; a volume without brain pixels
-        gets (0, 1).
+        [2, 3] float32 (mean, std) of x = value / 255; a volume without non-zero
+        pixels gets (0, 1).
     """
     count, total, squares = np.asarray(moments, np.float64)
     if count[0] == 0:
@@ -295,12 +297,19 @@ MISSING_SEQUENCES = {
 }
 
 
-def _head_mask(images):
-    """[B, H, W, C] intensities -> [B, H, W, 1] float32, 1 where any channel is > 0.
+# The LGG slices are not skull-stripped and their background is noise of up to ~10 grey
+# levels (exact 0 in only ~3% of a slice's pixels), so "any channel > 0" is most of the
+# field of view. Any channel > 10 misses ~2% of the head (dark CSF) and keeps ~10% of
+# the background (against a filled, largest-component head at > 20, 226 slices).
+HEAD_LEVEL = 10.0
 
-    Outside the head the scans are exactly 0 in every channel, so this is the head.
+
+def _head_mask(images):
+    """[B, H, W, C] intensities (0-255) -> [B, H, W, 1] float32, 1 on the head.
+
+    The head is where any channel exceeds `HEAD_LEVEL`.
     """
-    return tf.cast(tf.reduce_max(images, axis=-1, keepdims=True) > 0, tf.float32)
+    return tf.cast(tf.reduce_max(images, axis=-1, keepdims=True) > HEAD_LEVEL, tf.float32)
 
 
 def paste_tumours(slices, paste):
@@ -308,7 +317,7 @@ def paste_tumours(slices, paste):
 
     Copy-paste augmentation (Ghiasi et al. 2021; for tumours, Yang et al. 2021): a
     receiving slice gets the donor's pixels under the donor's mask, where the receiver
-    has head, and the union of both masks. The slices of a batch are already warped
+    has head (`_head_mask`), and the union of both masks. The slices of a batch are already warped
     apart and come from different patients most of the time, so a lesion is shown in
     another brain, at another place, next to other tissue.
 
@@ -403,12 +412,12 @@ def add_noise(images, fraction, seed):
     Args:
         images: [B, H, W, C] float32 intensities (0 = background).
         fraction: [B, C] noise std as a fraction of the slice channel's mean intensity
-            over the head (pixels where any channel is > 0).
+            over the head (`_head_mask`).
         seed: [2] int stateless seed of the noise field.
 
     Returns:
-        [B, H, W, C] float32; background pixels stay exactly 0, so that the model never
-        sees noise where real scans have none.
+        [B, H, W, C] float32; pixels off the head (the scan's own background noise, the
+        warp's zero padding) stay as they are.
     """
     head = _head_mask(images)
     area = tf.maximum(tf.reduce_sum(head, axis=(1, 2)), 1.0)  # [B, 1]

@@ -74,7 +74,10 @@ def test_train_on_device_augment_flips_image_and_mask_together(tiny_data, tmp_pa
     post = [np.allclose(o[..., 2], f, atol=1e-6) for o, f in zip(out, flair, strict=True)]
     np.testing.assert_allclose(out[..., 1], flair, atol=1e-6)
     assert all(np.logical_or(pre, post)) and sum(pre) < 16 and sum(post) < 16
-    # Every slice receives the next one's tumour, as input_pipeline.paste_tumours does.
+    # Every slice receives the next one's tumour, as input_pipeline.paste_tumours does,
+    # not on a background dimmer than the head level (the phantoms' is 0, real scans' not).
+    assert tod.HEAD_LEVEL == input_pipeline.HEAD_LEVEL
+    images = np.where(images == 0, np.uint8(tod.HEAD_LEVEL), images)
     pasting = ml_collections.ConfigDict({**off, "tumor_paste": 1.0})
     out = tod.augment(jax.random.key(0), images, masks, pasting)
     slices = np.concatenate([images, masks], -1).astype(np.float32)

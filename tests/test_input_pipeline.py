@@ -100,14 +100,17 @@ def test_blur_and_noise_change_the_image_not_the_mask():
             image[i], (sigma[i], sigma[i], 0), mode="reflect", truncate=3 / sigma[i]
         )
         np.testing.assert_allclose(blurred[i], expected, atol=1e-3)
-    # Noise: std = fraction x the channel's mean over the head; the background stays 0.
+    # Noise: std = fraction x the channel's mean over the head; the background (dim
+    # noise up to the head level in the real scans) stays as it is.
+    dim = np.where(image == 0, input_pipeline.HEAD_LEVEL, image).astype(np.float32)
     fraction = tf.constant([[0.1, 0.2, 0.0]] * 3)
-    noisy = input_pipeline.add_noise(tf.constant(image), fraction, tf.constant([4, 2])).numpy()
-    added = (noisy - image)[:, 4:28, 4:28]
+    noisy = input_pipeline.add_noise(tf.constant(dim), fraction, tf.constant([4, 2])).numpy()
+    added = (noisy - dim)[:, 4:28, 4:28]
     head_mean = image[:, 4:28, 4:28].mean(axis=(0, 1, 2))
     np.testing.assert_allclose(added.std(axis=(0, 1, 2)), [0.1, 0.2, 0] * head_mean, rtol=0.05)
-    assert not noisy[:, :4].any() and not noisy[:, :, 28:].any()
-    again = input_pipeline.add_noise(tf.constant(image), fraction, tf.constant([4, 2])).numpy()
+    np.testing.assert_array_equal(noisy[:, :4], dim[:, :4])
+    np.testing.assert_array_equal(noisy[:, :, 28:], dim[:, :, 28:])
+    again = input_pipeline.add_noise(tf.constant(dim), fraction, tf.constant([4, 2])).numpy()
     np.testing.assert_array_equal(noisy, again)
     # Through augment: drawn σ and noise levels within their ranges, the mask untouched.
     aug = ml_collections.ConfigDict(
@@ -411,7 +414,8 @@ def test_tumour_paste_moves_the_next_slices_tumour_into_the_head():
     both unchanged."""
     image = np.zeros((3, 8, 8, 3), np.float32)
     mask = np.zeros((3, 8, 8, 1), np.float32)
-    image[0, :, :5] = 10.0  # head of slice 0: columns 0-4
+    image[0] = input_pipeline.HEAD_LEVEL  # dim background noise, as in the real scans
+    image[0, :, :5] = 20.0  # head of slice 0: columns 0-4
     mask[0, 0, 0] = 1.0  # its own tumour
     image[1] = 200.0
     mask[1, 2:4, 3:7] = 1.0  # donor tumour, half outside slice 0's head
