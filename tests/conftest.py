@@ -1,12 +1,24 @@
-"""Test set-up: four fake CPU devices (set before JAX starts), shared fixtures."""
+"""Test set-up: four fake CPU devices and a compilation cache (set before JAX starts),
+shared fixtures."""
 
 import os
+import shutil
 import sys
+import tempfile
 
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"
 ).strip()
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# The tests start `launch.py` a dozen times on the tiny config, and each start would
+# compile the same programs again (most of a tiny run's minute on 2 cores). JAX's
+# persistent cache, new for each session and inherited by the subprocesses, compiles
+# each once; every program is still compiled from this session's code.
+_XLA_CACHE = None
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    _XLA_CACHE = os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="xla_cache_")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import pytest  # noqa: E402
@@ -20,3 +32,8 @@ def tiny_data(tmp_path_factory):
     root = tmp_path_factory.mktemp("kaggle_3m")
     synthetic.write_synthetic_dataset(root, num_patients=6, slices_per_patient=6, size=32)
     return str(root)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if _XLA_CACHE:
+        shutil.rmtree(_XLA_CACHE, ignore_errors=True)
