@@ -10,8 +10,12 @@ So an exported model (`pretrained/...`) is a checkpoint without `train`, and
 evaluation restores the model from the checkpoint's own config.
 """
 
+import contextlib
+import fcntl
 import json
 import os
+import socket
+import time
 
 import jax
 import numpy as np
@@ -23,6 +27,7 @@ from jax.experimental import multihost_utils
 
 LATEST_DIR = "checkpoints"
 BEST_DIR = "checkpoints_best"
+LOCK_FILE = "train.lock"
 
 
 def _manager(directory, max_to_keep: int | None = None, create: bool = True):
@@ -150,6 +155,53 @@ class Checkpointer:
 
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used; the message says which and why."""
+
+
+@contextlib.contextmanager
+def workdir_lock(workdir: str):
+    """Holds `workdir` for one training run; a second one started there stops at once.
+
+    Two runs in one workdir would write the same checkpoint steps over each other. The
+    lock is an flock on `workdir/train.lock`, which the kernel releases when its process
+    ends however it ends (kill -9 included), so no stale lock is ever left to clear; the
+    file names the holder for the error. Where the file system has no flock (some Lustre
+    mounts) the run goes on with a warning. Multi-host: process 0 locks for all.
+
+    Raises:
+        CheckpointError: another process holds the lock.
+    """
+    holder, lock = None, None
+    if jax.process_index() == 0:
+        os.makedirs(workdir, exist_ok=True)
+        path = os.path.join(workdir, LOCK_FILE)
+        lock = open(path, "a+")  # noqa: SIM115 (held until the run ends)
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            holder = lock.read().strip() or "holder unknown"
+        except OSError as e:
+            logging.warning("Cannot lock %s (%s): nothing stops a second run here", path, e)
+        else:
+            lock.truncate(0)
+            lock.write(
+                f"pid {os.getpid()} on {socket.gethostname()}, "
+                f"since {time.strftime('%Y-%m-%d %H:%M:%S %Z')}\n"
+            )
+            lock.flush()
+    if jax.process_count() > 1:
+        busy = multihost_utils.broadcast_one_to_all(np.int32(holder is not None))
+        holder = holder or ("see process 0's log" if busy else None)
+    try:
+        if holder is not None:
+            raise CheckpointError(
+                f"{os.path.abspath(workdir)} is in use by another training run ({holder}); "
+                "wait for it, stop it (SIGTERM saves its step) or pass another --workdir"
+            )
+        yield
+    finally:
+        if lock is not None:
+            lock.close()
 
 
 def check_compatible(saved: dict, expected: dict, step: int):

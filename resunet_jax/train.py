@@ -308,12 +308,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     best checkpoint exactly as `--mode=eval` does and writes `workdir/eval/`.
 
     Returns:
-        The final evaluation's metrics (the content of eval/metrics.json).
+        The final evaluation's metrics (the content of eval/metrics.json); None when
+        pre-empted (SIGTERM: the step in flight is checkpointed).
+
+    Raises:
+        checkpointing.CheckpointError: another run is training in `workdir`, or its
+            checkpoints do not fit this config.
     """
     # TF-dependent modules are imported here so the step functions above stay TF-free.
-    from flax.metrics import tensorboard
-
-    from resunet_jax import evaluate, input_pipeline
     from resunet_jax.data import sources
 
     if config.model.get("no_contrast_expert", False):
@@ -323,7 +325,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             "join them with checkpointing.join_no_contrast_expert"
         )
     source = sources.open_source(config, workdir)
-    config = source.config
+    with checkpointing.workdir_lock(workdir):
+        return _train_and_evaluate(source.config, workdir, source)
+
+
+def _train_and_evaluate(config, workdir, source):
+    """train_and_evaluate once the data are checked and the workdir is this run's."""
+    from flax.metrics import tensorboard
+
+    from resunet_jax import evaluate, input_pipeline
+
     model = models.create_model(config.model)
     rng = jax.random.key(config.seed)
     state = create_train_state(rng, config, model)

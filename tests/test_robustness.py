@@ -81,9 +81,13 @@ def test_kill_9_loses_at_most_one_checkpoint_interval_and_resumes(tmp_path):
     assert _steps(workdir)[-1] == last_logged + 3
 
 
-def test_sigterm_saves_the_current_step_and_exits_0(tmp_path):
+def test_a_second_run_in_the_workdir_is_refused_and_sigterm_saves_the_step(tmp_path):
     workdir = str(tmp_path / "run")
     proc, log_path = _start_and_wait_for_a_checkpoint(workdir)
+    log = _launch(workdir, expect_rc=1)
+    errors = [line for line in log.splitlines() if line.startswith("E")]
+    assert f"{workdir} is in use by another training run (pid {proc.pid} on " in errors[0]
+    assert proc.poll() is None and "Traceback" not in log
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=120) == 0
     saved = int(re.search(r"SIGTERM: saved a checkpoint of step (\d+)", _read(log_path)).group(1))
