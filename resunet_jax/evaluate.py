@@ -9,6 +9,7 @@ import collections
 import csv
 import json
 import os
+import time
 
 import jax
 import ml_collections
@@ -216,9 +217,20 @@ def _plain(value):
 def write_report(eval_dir: str, summary: dict, patients: dict, grid: np.ndarray):
     """Writes metrics.json, per_patient.csv, the per-patient Dice figure and results grid.
 
-    Files are written to a temporary name and renamed, so a crash never leaves a
-    half-written report in place of an earlier one.
+    An earlier report in `eval_dir` (say, training's final evaluation before a
+    re-evaluation with another checkpoint, split or setting) is first moved aside to
+    `<eval_dir>_<its time>`, never overwritten. Files are written to a temporary name and
+    renamed, so a crash never leaves a half-written file under a report's name.
     """
+    earlier = os.path.join(eval_dir, "metrics.json")
+    if os.path.exists(earlier):
+        stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(os.path.getmtime(earlier)))
+        kept, n = f"{eval_dir}_{stamp}", 1
+        while os.path.exists(kept):
+            n += 1
+            kept = f"{eval_dir}_{stamp}_{n}"
+        os.rename(eval_dir, kept)
+        logging.info("Kept the earlier evaluation in %s", kept)
     os.makedirs(eval_dir, exist_ok=True)
 
     def replace(name, write):

@@ -1,6 +1,7 @@
 import functools
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -257,10 +258,15 @@ def test_launch_trains_evaluates_and_resumes(tmp_path):
     assert os.path.exists(os.path.join(workdir, "eval", "per_patient_dice.png"))
     assert os.path.exists(os.path.join(workdir, "eval", "results_grid.png"))
 
-    # --mode=eval restores the same checkpoint and reproduces the final evaluation.
-    os.rename(os.path.join(workdir, "eval"), os.path.join(workdir, "eval_train"))
-    _launch(workdir, "--mode=eval")
+    # --mode=eval restores the same checkpoint and reproduces the final evaluation; the
+    # training's report is kept beside the new one, not overwritten.
+    log = _launch(workdir, "--mode=eval")
     with open(os.path.join(workdir, "eval", "metrics.json")) as f:
+        assert json.load(f) == trained
+    (kept,) = re.findall(r"Kept the earlier evaluation in (\S+)", log)
+    assert os.path.dirname(kept) == workdir and os.path.basename(kept).startswith("eval_")
+    assert sorted(os.listdir(kept)) == sorted(os.listdir(os.path.join(workdir, "eval")))
+    with open(os.path.join(kept, "metrics.json")) as f:
         assert json.load(f) == trained
 
     # Asking for more steps resumes from the last checkpoint.
