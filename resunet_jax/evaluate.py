@@ -214,23 +214,37 @@ def _plain(value):
     return json.loads(json.dumps(value))
 
 
+def keep_earlier(folder: str, report: str) -> str | None:
+    """Moves an earlier run's output `folder` aside, if it holds `report`.
+
+    The folder becomes `<folder>_<YYYYmmdd-HHMMSS>`, the time `report` was written, so a
+    new evaluation or prediction never overwrites nor mixes with an earlier one.
+
+    Returns:
+        Where the earlier folder went, or None if there was none.
+    """
+    earlier = os.path.join(folder, report)
+    if not os.path.exists(earlier):
+        return None
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(os.path.getmtime(earlier)))
+    kept, n = f"{folder}_{stamp}", 1
+    while os.path.exists(kept):
+        n += 1
+        kept = f"{folder}_{stamp}_{n}"
+    os.rename(folder, kept)
+    logging.info("Kept the earlier %s in %s", os.path.basename(folder), kept)
+    return kept
+
+
 def write_report(eval_dir: str, summary: dict, patients: dict, grid: np.ndarray):
     """Writes metrics.json, per_patient.csv, the per-patient Dice figure and results grid.
 
     An earlier report in `eval_dir` (say, training's final evaluation before a
-    re-evaluation with another checkpoint, split or setting) is first moved aside to
-    `<eval_dir>_<its time>`, never overwritten. Files are written to a temporary name and
+    re-evaluation with another checkpoint, split or setting) is first moved aside (see
+    `keep_earlier`), never overwritten. Files are written to a temporary name and
     renamed, so a crash never leaves a half-written file under a report's name.
     """
-    earlier = os.path.join(eval_dir, "metrics.json")
-    if os.path.exists(earlier):
-        stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(os.path.getmtime(earlier)))
-        kept, n = f"{eval_dir}_{stamp}", 1
-        while os.path.exists(kept):
-            n += 1
-            kept = f"{eval_dir}_{stamp}_{n}"
-        os.rename(eval_dir, kept)
-        logging.info("Kept the earlier evaluation in %s", kept)
+    keep_earlier(eval_dir, "metrics.json")
     os.makedirs(eval_dir, exist_ok=True)
 
     def replace(name, write):

@@ -35,6 +35,7 @@ from resunet_jax import (
 )
 from resunet_jax.data import lgg
 
+CSV_NAME = "predictions.csv"
 CSV_FIELDS = ("file", "tumor_probability", "tumor", "predicted_area_pixels", "mask_file", "error")
 
 
@@ -207,6 +208,7 @@ def predict(config, workdir: str) -> list[dict]:
     paths = find_inputs(root)
     base = root if os.path.isdir(root) else os.path.dirname(root)
     out_dir = os.path.join(workdir, "predict")
+    evaluate.keep_earlier(out_dir, CSV_NAME)
     os.makedirs(out_dir, exist_ok=True)
     rows, batch_size = [], -(-config.eval.batch_size // jax.local_device_count())
     batch_size *= jax.local_device_count()
@@ -231,7 +233,7 @@ def predict(config, workdir: str) -> list[dict]:
         for (path, image, _), mask, prob in zip(slices, masks, tumor_probs, strict=True):
             h, w = image.shape[:2]
             rows.append(_write_prediction(path, image, mask[:h, :w], float(prob), base, out_dir))
-    csv_path = os.path.join(out_dir, "predictions.csv")
+    csv_path = os.path.join(out_dir, CSV_NAME)
     with open(csv_path + ".tmp", "w", newline="") as f:
         writer = csv.DictWriter(f, CSV_FIELDS)
         writer.writeheader()

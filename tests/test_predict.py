@@ -89,6 +89,18 @@ def test_predict_handles_user_inputs_and_reports_bad_files(tmp_path, exported_mo
         assert os.path.exists(out / f"{name}_overlay.png") == row["tumor"]
     with open(tmp_path / "work" / "predict" / "predictions.csv") as f:
         assert len(list(csv.DictReader(f))) == 5
+    # Predicting another input moves this output aside instead of mixing with it.
+    config.predict.input = str(tmp_path / "in" / "patient" / "gray_2.tif")
+    predict.predict(config, str(tmp_path / "work"))
+    (kept,) = [p for p in (tmp_path / "work").iterdir() if p.name.startswith("predict_")]
+    with open(kept / "predictions.csv") as f:
+        assert len(list(csv.DictReader(f))) == 5
+    overlay = ["gray_2_overlay.png"] if by_name["gray_2.tif"]["tumor"] else []
+    assert sorted(os.listdir(tmp_path / "work" / "predict")) == [
+        *overlay,
+        "gray_2_pred_mask.tif",
+        "predictions.csv",
+    ]
 
 
 def test_inputs_are_found_through_links_and_a_link_cycle_ends(tmp_path):

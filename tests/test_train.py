@@ -263,7 +263,7 @@ def test_launch_trains_evaluates_and_resumes(tmp_path):
     log = _launch(workdir, "--mode=eval")
     with open(os.path.join(workdir, "eval", "metrics.json")) as f:
         assert json.load(f) == trained
-    (kept,) = re.findall(r"Kept the earlier evaluation in (\S+)", log)
+    (kept,) = re.findall(r"Kept the earlier eval in (\S+)", log)
     assert os.path.dirname(kept) == workdir and os.path.basename(kept).startswith("eval_")
     assert sorted(os.listdir(kept)) == sorted(os.listdir(os.path.join(workdir, "eval")))
     with open(os.path.join(kept, "metrics.json")) as f:
