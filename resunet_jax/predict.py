@@ -21,6 +21,7 @@ import jax
 import numpy as np
 import tifffile
 from absl import logging
+from jax.experimental import multihost_utils
 
 from resunet_jax import (
     checkpointing,
@@ -208,7 +209,10 @@ def predict(config, workdir: str) -> list[dict]:
     paths = find_inputs(root)
     base = root if os.path.isdir(root) else os.path.dirname(root)
     out_dir = os.path.join(workdir, "predict")
-    evaluate.keep_earlier(out_dir, CSV_NAME)
+    if jax.process_index() == 0:
+        evaluate.keep_earlier(out_dir, CSV_NAME)
+    if jax.process_count() > 1:  # every process writes the same files: none before the move
+        multihost_utils.sync_global_devices("resunet_jax earlier predictions kept")
     os.makedirs(out_dir, exist_ok=True)
     rows, batch_size = [], -(-config.eval.batch_size // jax.local_device_count())
     batch_size *= jax.local_device_count()
