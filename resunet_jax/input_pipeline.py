@@ -186,6 +186,9 @@ def add_context(ds: tf.data.Dataset, k: int) -> tf.data.Dataset:
 ELASTIC_GRID = 5
 
 
+# AutoGraph is off for augment_params and augment (and all they call): their branches
+# are on config values, never on tensors, and converting them cost ~3 s of every launch.
+@tf.autograph.experimental.do_not_convert
 def augment_params(seed, image_size: int, config, crop_size: int | None = None):
     """Draws one slice's augmentation: a pure function of `seed`.
 
@@ -471,10 +474,11 @@ def _finish(
 
 # Compiled with XLA, as two functions: XLA's CPU gather is fast for 4 floats per pixel
 # but ~3x slower when the image/mask channel split is fused into it.
-_warp_xla = tf.function(warp_bilinear, jit_compile=True)
-_finish_xla = tf.function(_finish, jit_compile=True)
+_warp_xla = tf.function(warp_bilinear, jit_compile=True, autograph=False)
+_finish_xla = tf.function(_finish, jit_compile=True, autograph=False)
 
 
+@tf.autograph.experimental.do_not_convert
 def augment(batch, params, config, normalization: str = "scale", crop_size: int | None = None):
     """Applies drawn augmentations (`augment_params`) to a batch and normalises it.
 

@@ -315,7 +315,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         checkpointing.CheckpointError: another run is training in `workdir`, or its
             checkpoints do not fit this config.
     """
-    # TF-dependent modules are imported here so the step functions above stay TF-free.
+    # TF-dependent modules are imported here and in _train_and_evaluate, so the step
+    # functions above stay TF-free (benchmarks/train_on_device.py runs them without TF).
     from resunet_jax.data import sources
 
     if config.model.get("no_contrast_expert", False):
