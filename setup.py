@@ -24,5 +24,5 @@ setup(
         "matplotlib",
         "tensorboard",
     ],
-    extras_require={"test": ["pytest", "ruff"]},
+    extras_require={"test": ["pytest", "pytest-xdist", "ruff"]},
 )

@@ -13,7 +13,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # The tests start `launch.py` a dozen times on the tiny config, and each start would
 # compile the same programs again (most of a tiny run's minute on 2 cores). JAX's
 # persistent cache, new for each session and inherited by the subprocesses, compiles
-# each once; every program is still compiled from this session's code.
+# each once; every program is still compiled from this session's code. pytest-xdist
+# workers inherit the controller's folder, so they share it too.
 _XLA_CACHE = None
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     _XLA_CACHE = os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="xla_cache_")
