@@ -214,18 +214,16 @@ def _plain(value):
     return json.loads(json.dumps(value))
 
 
-def keep_earlier(folder: str, report: str) -> str | None:
+def keep_earlier(folder: str, report: str):
     """Moves an earlier run's output `folder` aside, if it holds `report`.
 
     The folder becomes `<folder>_<YYYYmmdd-HHMMSS>`, the time `report` was written, so a
-    new evaluation or prediction never overwrites nor mixes with an earlier one.
-
-    Returns:
-        Where the earlier folder went, or None if there was none.
+    new evaluation or prediction never overwrites nor mixes with an earlier one; the log
+    says where it went.
     """
     earlier = os.path.join(folder, report)
     if not os.path.exists(earlier):
-        return None
+        return
     stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(os.path.getmtime(earlier)))
     kept, n = f"{folder}_{stamp}", 1
     while os.path.exists(kept):
@@ -233,7 +231,6 @@ def keep_earlier(folder: str, report: str) -> str | None:
         kept = f"{folder}_{stamp}_{n}"
     os.rename(folder, kept)
     logging.info("Kept the earlier %s in %s", os.path.basename(folder), kept)
-    return kept
 
 
 def write_report(eval_dir: str, summary: dict, patients: dict, grid: np.ndarray):
