@@ -1,20 +1,45 @@
-"""Orbax checkpoints: the latest few for resuming, the best by validation Dice, exports.
+"""Orbax checkpoints: the latest few for resuming and the best by validation Dice, exports.
 
-A checkpoint step holds up to three items:
+A checkpoint step holds up to four items:
   model: {"params", "batch_stats"}      what evaluation and prediction need (the
                                         TrainState's moving average `ema`)
   train: {"opt_state", "step",          the raw weights and optimizer state, only in
           "params", "batch_stats"}      training checkpoints
   meta:  JSON {"step", "config", ...}   the run config (model, image size, normalisation)
+  metrics: JSON {"dice_per_volume_mean"} orbax's own item; only in steps that were validated
 So an exported model (`pretrained/...`) is a checkpoint without `train`, and
 evaluation restores the model from the checkpoint's own config.
+
+Crash consistency. A workdir's checkpoints are one orbax folder, `checkpoints/`, and the
+best checkpoint is not a second copy but the validated step with the highest Dice
+among those kept (orbax keeps the newest `keep` steps and the best one). So each save
+is one atomic step commit and there is no second save for a crash to fall between.
+Orbax guarantees relied on (synchronous saves, local or POSIX file systems):
+  1. a step's items, its validation metrics included, are written into
+     `<step>.orbax-checkpoint-tmp-*` and renamed to `<step>` only when all are on
+     disk, so a step folder exists complete or not at all;
+  2. old steps are deleted only after the new step's rename;
+  3. folders that are not `<int>` (temporary ones, our `<step>.damaged`) are not steps.
+What (1)-(3) leave open is handled here: a step cut short afterwards (a crash while
+orbax deletes an old step, a damaged disk) is set aside, never deleted; and a workdir
+whose steps are all damaged refuses to start instead of training from step 0 over them.
+The states of a workdir when training starts (`Checkpointer.restore_latest`):
+  no step, nothing set aside  -> start at step 0
+  a readable step             -> resume from the newest readable one (newer damaged
+                                 ones are set aside as `<step>.damaged`)
+  steps, none readable        -> set them aside and refuse; so does every later start
+                                 until the user moves `checkpoints/` away deliberately
 """
 
 import contextlib
+import errno
 import fcntl
+import functools
 import json
+import logging as logging_lib
 import os
 import socket
+import sys
 import time
 
 import jax
@@ -26,49 +51,102 @@ from flax import traverse_util
 from jax.experimental import multihost_utils
 
 LATEST_DIR = "checkpoints"
-BEST_DIR = "checkpoints_best"
 LOCK_FILE = "train.lock"
+DAMAGED_SUFFIX = ".damaged"
+# The validation figure that ranks checkpoints (orbax's `metrics` item of a step).
+BEST_METRIC = "dice_per_volume_mean"
 
 
-def _manager(directory, max_to_keep: int | None = None, create: bool = True):
-    # Synchronous saves: when `save` returns the step is on disk, so a crash right after
-    # it loses at most `checkpoint_every_steps` steps. A save takes well under a second.
+def _score(metrics: dict) -> float:
+    return metrics[BEST_METRIC]
+
+
+def _manager(directory, keep: int | None = None, create: bool = True, cleanup: bool = False):
+    """An orbax manager of `directory`; `keep` None keeps every step.
+
+    Saves are synchronous: when `save` returns the step is on disk, so a crash right after
+    it loses at most `checkpoint_every_steps` steps. `best_fn` ranks the steps saved with
+    metrics, for `best_step` and for the preservation policy.
+    """
+    policy = None
+    if keep is not None:
+        policy = ocp.checkpoint_managers.AnyPreservationPolicy(
+            [
+                ocp.checkpoint_managers.LatestN(n=keep),
+                ocp.checkpoint_managers.BestN(
+                    get_metric_fn=_score, n=1, keep_checkpoints_without_metrics=False
+                ),
+            ]
+        )
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=max_to_keep, create=create, enable_async_checkpointing=False
+        create=create,
+        enable_async_checkpointing=False,
+        best_fn=_score,
+        best_mode="max",
+        preservation_policy=policy,
+        cleanup_tmp_directories=cleanup,
     )
     return ocp.CheckpointManager(epath.Path(directory).absolute(), options=options)
 
 
 class Checkpointer:
-    """The latest `keep` training checkpoints of a workdir, plus the best one.
+    """A training run's checkpoints: the latest `keep` steps plus the best validated one.
 
     Args:
-        workdir: run directory; checkpoints go to `workdir/checkpoints` and
-            `workdir/checkpoints_best`.
-        keep: how many of the latest checkpoints to keep.
+        workdir: run directory; checkpoints go to `workdir/checkpoints`.
+        keep: how many of the latest steps to keep (the best is kept besides).
     """
 
     def __init__(self, workdir: str, keep: int):
-        # The folders appear with the first save, so a run refused before its first step
-        # (bad data, a fine-tuning split with no patient left) leaves no empty ones.
-        self.latest = _manager(os.path.join(workdir, LATEST_DIR), max_to_keep=keep, create=False)
-        self.best = _manager(os.path.join(workdir, BEST_DIR), max_to_keep=1, create=False)
+        # The folder appears with the first save, so a run refused before its first step
+        # (bad data, a fine-tuning split with no patient left) leaves no empty one.
+        # Temporary folders of a save cut short are never a step; they are removed.
+        self.directory = os.path.join(workdir, LATEST_DIR)
+        self.manager = _manager(self.directory, keep=keep, create=False, cleanup=True)
 
-    def save(self, state, meta: dict, best: bool = False):
-        """Saves a TrainState with JSON metadata `meta`; returns once it is on disk.
+    def save(self, state, meta: dict, val_metrics: dict | None = None):
+        """Saves a TrainState with JSON `meta`; returns once the step is on disk.
+
+        Args:
+            state: the TrainState (replicated or host arrays).
+            meta: JSON metadata; "step" is the state's step.
+            val_metrics: the validation metrics of this step, if it was validated; they
+                go into `meta["val_metrics"]` and rank the step for the best checkpoint.
 
         The state is saved as host numpy arrays: pmap returns it replicated on each
         process's own devices, which orbax cannot write as one global array across
         processes; numpy arrays count as replicated and process 0 writes them.
+
+        Raises:
+            CheckpointError: the step could not be written (disk full, read-only, ...).
         """
-        manager = self.best if best else self.latest
         state = jax.device_get(state)
-        manager.save(int(state.step), args=_save_args(state, meta), force=True)
+        step = int(state.step)
+        metrics = None
+        if val_metrics is not None:
+            meta = dict(meta, val_metrics=val_metrics)
+            metrics = {BEST_METRIC: float(val_metrics[BEST_METRIC] or 0.0)}
+        try:
+            with _orbax_failures_quiet():
+                self.manager.save(step, args=_save_args(state, meta), metrics=metrics, force=True)
+        except Exception as e:
+            cause = _os_error(e)
+            if cause is None:
+                raise
+            raise CheckpointError(
+                f"{self.directory}: cannot write checkpoint step {step} ({cause}); the "
+                "checkpoints already there are kept: free space or fix the folder, then "
+                "run the same command to resume"
+            ) from e
+
+    def best_step(self) -> int | None:
+        """The kept step with the best validation Dice (None: none validated yet)."""
+        return self.manager.best_step()
 
     def restore_latest(self, abstract_state):
-        """Restores the newest readable training checkpoint.
+        """Restores the newest readable training checkpoint (see the module docstring).
 
-        A damaged step (say, files cut short by a crash) is skipped with a warning
+        A damaged step (say, files cut short by a crash) is set aside with a warning
         naming it; interrupted saves (`*.orbax-checkpoint-tmp*`) are never candidates.
 
         Args:
@@ -78,13 +156,14 @@ class Checkpointer:
             (state, meta), or None when the workdir has no checkpoint.
 
         Raises:
-            CheckpointError: the checkpoint was written by a different model (the
-                message lists the mismatched parameter shapes), or no step is readable.
+            CheckpointError: the checkpoint was written by a different model or optimizer
+                config (the message lists the mismatched parameter shapes), or there
+                are checkpoints and none is readable.
         """
-        steps = sorted(self.latest.all_steps(), reverse=True)
+        steps = sorted(self.manager.all_steps(), reverse=True)
         for step in steps:
             try:
-                saved = self.latest.restore(
+                saved = self.manager.restore(
                     step,
                     args=ocp.args.Composite(
                         model=ocp.args.StandardRestore(), train=ocp.args.StandardRestore()
@@ -94,7 +173,7 @@ class Checkpointer:
                 logging.warning(
                     "Checkpoint step %d in %s is unreadable (%s: %s); trying an older one",
                     step,
-                    self.latest.directory,
+                    self.directory,
                     type(e).__name__,
                     str(e)[:200],
                 )
@@ -106,16 +185,16 @@ class Checkpointer:
                 # Written before the weight moving average: `model` held the raw weights
                 # and `train` only the optimizer state, so the raw weights are gone.
                 raise CheckpointError(
-                    f"checkpoint step {step} in {self.latest.directory} predates the weight "
+                    f"checkpoint step {step} in {self.directory} predates the weight "
                     "moving average (its `train` item has no raw weights), so training "
                     "cannot resume from it. Evaluate or predict with it "
                     "(--config.checkpoint=...), or train in a new --workdir."
                 )
             try:
-                restored = self.latest.restore(step, args=_restore_args(abstract_state))
+                restored = self.manager.restore(step, args=_restore_args(abstract_state))
             except Exception as e:
                 raise CheckpointError(
-                    f"checkpoint step {step} in {self.latest.directory} does not fit this "
+                    f"checkpoint step {step} in {self.directory} does not fit this "
                     f"config's optimizer state ({type(e).__name__}: {str(e)[:300]}). Use the "
                     "optimizer settings it was trained with, or a new --workdir."
                 ) from e
@@ -128,10 +207,14 @@ class Checkpointer:
                 ema=restored["model"],
             )
             return state, restored["meta"]
-        if steps:
+        damaged = damaged_steps(self.directory)
+        if damaged:
+            # Starting at step 0 here would let the new run's saves delete what may still
+            # be recovered, and would silently throw away the run.
             raise CheckpointError(
-                f"{self.latest.directory}: none of the checkpoints {steps} is readable; "
-                "move the folder away to start afresh"
+                f"{self.directory}: no readable checkpoint; the damaged ones are kept as "
+                f"{', '.join(damaged)}. To train afresh deliberately, move {self.directory} "
+                "away (or pass another --workdir)"
             )
         return None
 
@@ -139,18 +222,104 @@ class Checkpointer:
         """Renames a damaged step to `<step>.damaged` (kept for inspection, never deleted)
         so that training can write that step again."""
         if jax.process_index() == 0:
-            path = os.path.join(self.latest.directory, str(step))
-            target = f"{path}.damaged"
+            path = os.path.join(self.directory, str(step))
+            target = path + DAMAGED_SUFFIX
             while os.path.exists(target):
                 target += "+"
             os.rename(path, target)
             logging.warning("Moved the damaged checkpoint to %s", target)
         multihost_utils.sync_global_devices("resunet_jax damaged checkpoint set aside")
-        self.latest.reload()
+        self.manager.reload()
 
     def close(self):
-        self.latest.close()
-        self.best.close()
+        self.manager.close()
+
+
+def damaged_steps(directory: str) -> list[str]:
+    """The names of the steps set aside as damaged in a checkpoint folder, sorted."""
+    if not os.path.isdir(directory):
+        return []
+    return sorted(n for n in os.listdir(directory) if DAMAGED_SUFFIX in n)
+
+
+class _DropOrbaxRecords(logging_lib.Filter):
+    def filter(self, record):
+        return "orbax" not in record.pathname
+
+
+def _drop_closed_loop_errors(unraisable, previous):
+    if not (
+        isinstance(unraisable.exc_value, RuntimeError)
+        and "Event loop is closed" in str(unraisable.exc_value)
+    ):
+        previous(unraisable)
+
+
+@contextlib.contextmanager
+def _orbax_failures_quiet():
+    """Keeps orbax's own reports of a failed save out of the log.
+
+    A write that fails (disk full, say) makes orbax log the error with its traceback from
+    each of its threads, and tensorstore's pending callbacks raise "Event loop is closed"
+    hundreds of times until the process ends. The failure itself is re-raised as one
+    CheckpointError, so both are noise; after a failure the closed-loop errors stay
+    hidden, since the callbacks outlive the save.
+    """
+    absl_logger = logging_lib.getLogger("absl")
+    quiet = _DropOrbaxRecords()
+    previous = sys.unraisablehook
+    absl_logger.addFilter(quiet)
+    sys.unraisablehook = functools.partial(_drop_closed_loop_errors, previous=previous)
+    failed = True
+    try:
+        yield
+        failed = False
+    finally:
+        absl_logger.removeFilter(quiet)
+        if not failed:
+            sys.unraisablehook = previous
+
+
+def _os_error(error: BaseException) -> str | None:
+    """The file-system fault behind `error` ("No space left on device: PATH"), if any.
+
+    Orbax and tensorstore re-raise I/O faults as their own types, so the cause chain
+    and the message are searched.
+    """
+    seen = error
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno is not None:
+            return f"{os.strerror(seen.errno)}: {seen.filename or ''}".rstrip(": ")
+        seen = seen.__cause__ or seen.__context__
+    text = str(error)
+    for errno_name in ("ENOSPC", "EROFS", "EACCES", "EDQUOT"):
+        message = os.strerror(getattr(errno, errno_name))
+        if message in text:
+            return message
+    return None
+
+
+def check_writable(folder: str):
+    """Fails at once, naming `folder`, if files cannot be written there (read-only,
+    permissions, no space left), before any expensive work whose results need it.
+
+    Creates `folder` if needed.
+
+    Raises:
+        CheckpointError: the folder cannot be created or written.
+    """
+    probe = os.path.join(folder, f".write_test_{os.getpid()}")
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with open(probe, "wb") as f:
+            f.write(b"\0" * 4096)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        raise CheckpointError(f"{folder}: cannot write there ({e.strerror})") from e
+    finally:
+        with contextlib.suppress(OSError):
+            os.remove(probe)
 
 
 class CheckpointError(RuntimeError):
@@ -168,11 +337,11 @@ def workdir_lock(workdir: str):
     mounts) the run goes on with a warning. Multi-host: process 0 locks for all.
 
     Raises:
-        CheckpointError: another process holds the lock.
+        CheckpointError: another process holds the lock, or `workdir` cannot be written.
     """
     holder, lock = None, None
     if jax.process_index() == 0:
-        os.makedirs(workdir, exist_ok=True)
+        check_writable(workdir)
         path = os.path.join(workdir, LOCK_FILE)
         lock = open(path, "a+")  # noqa: SIM115 (held until the run ends)
         try:
@@ -265,7 +434,7 @@ def _restore_args(abstract_state):
 
 def export_model(directory: str, variables: dict, meta: dict):
     """Writes model variables (no optimizer state) as a one-step checkpoint directory."""
-    manager = _manager(directory, max_to_keep=1)
+    manager = _manager(directory, keep=1)
     manager.save(
         int(meta["step"]),
         args=ocp.args.Composite(
@@ -342,26 +511,28 @@ def join_no_contrast_expert(complete: str, no_contrast: str) -> tuple[dict, dict
 
 
 def _candidates(path: str) -> list[tuple[str, int]]:
-    """(manager directory, step) pairs to try for `path`, most preferred first.
+    """(checkpoint folder, step) pairs to try for `path`, most preferred first.
 
-    `path` may be a workdir (best checkpoint, then the latest ones), a checkpoint
-    directory (its steps, newest first) or one step's directory.
+    `path` may be a workdir or a checkpoint folder (the best validated step, then the
+    others newest first) or one step's folder.
     """
     path = os.path.abspath(path)
     if not os.path.isdir(path):
         raise FileNotFoundError(f"{path}: no such checkpoint or workdir")
     if os.path.isdir(os.path.join(path, "meta")) and os.path.basename(path).isdigit():
         return [(os.path.dirname(path), int(os.path.basename(path)))]
-    if os.path.isdir(os.path.join(path, LATEST_DIR)) or os.path.isdir(os.path.join(path, BEST_DIR)):
-        dirs = [os.path.join(path, BEST_DIR), os.path.join(path, LATEST_DIR)]
-    else:
-        dirs = [path]
-    pairs = []
-    for d in dirs:
-        if os.path.isdir(d):
-            steps = sorted((int(n) for n in os.listdir(d) if n.isdigit()), reverse=True)
-            pairs += [(d, s) for s in steps]
-    return pairs
+    if os.path.isdir(os.path.join(path, LATEST_DIR)):
+        path = os.path.join(path, LATEST_DIR)
+    steps = sorted((int(n) for n in os.listdir(path) if n.isdigit()), reverse=True)
+    if not steps:
+        return []
+    manager = _manager(path, create=False)
+    best = manager.best_step()
+    manager.close()
+    if best is not None:
+        steps.remove(best)
+        steps.insert(0, best)
+    return [(path, s) for s in steps]
 
 
 def restore_model(path: str) -> tuple[dict, dict]:

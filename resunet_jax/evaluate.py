@@ -331,6 +331,8 @@ def evaluate_checkpoint(config, workdir: str, source: sources.Source | None = No
     Returns:
         The metrics written to metrics.json.
     """
+    if jax.process_index() == 0:  # before the evaluation, not after it
+        checkpointing.check_writable(workdir)
     path = config.checkpoint or workdir
     variables, meta = checkpointing.restore_model(path)
     config = checkpoint_config(source.config if source else config, meta)

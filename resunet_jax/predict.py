@@ -47,6 +47,11 @@ def find_inputs(path: str) -> list[str]:
         lgg.DataError: `path` does not exist or holds no .tif slice.
     """
     if os.path.isfile(path):
+        if "_mask." in os.path.basename(path).lower():
+            raise lgg.DataError(
+                f"{path}: a ground-truth mask (*_mask.tif), not an image; give its image "
+                "or the folder (masks there are skipped)"
+            )
         return [path]
     if not os.path.isdir(path):
         raise lgg.DataError(f"{path}: no such file or folder")
@@ -201,6 +206,8 @@ def predict(config, workdir: str) -> list[dict]:
     Returns:
         The predictions.csv rows.
     """
+    if jax.process_index() == 0:  # before any prediction, not after them
+        checkpointing.check_writable(workdir)
     variables, meta = checkpointing.restore_model(config.checkpoint or workdir)
     config = evaluate.checkpoint_config(config, meta)
     threshold = meta.get("val_metrics", {}).get("detection_threshold", 0.5)

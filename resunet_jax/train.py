@@ -325,8 +325,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             "complete scans and the one for scans without the pre-contrast on their own and "
             "join them with checkpointing.join_no_contrast_expert"
         )
-    source = sources.open_source(config, workdir)
+    # The lock comes first: a second run started alongside must stop before it writes
+    # anything (the synthetic data, prepared data, a summary file).
     with checkpointing.workdir_lock(workdir):
+        source = sources.open_source(config, workdir)
         return _train_and_evaluate(source.config, workdir, source)
 
 
@@ -340,12 +342,14 @@ def _train_and_evaluate(config, workdir, source):
     rng = jax.random.key(config.seed)
     state = create_train_state(rng, config, model)
     checkpointer = checkpointing.Checkpointer(workdir, keep=config.keep_checkpoints)
-    meta = {"config": checkpointing.config_json(config), "best_dice": -1.0}
+    meta = {"config": checkpointing.config_json(config)}
     restored = checkpointer.restore_latest(jax.eval_shape(lambda: state))
     earlier_patients = []
     if restored:
         state, meta = restored
+        # A step's validation belongs to that step only, not to the ones saved after it.
         meta = dict(meta, config=checkpointing.config_json(config))
+        meta.pop("val_metrics", None)
         logging.info("Resuming from step %d", int(state.step))
         # A run without the list that started from another checkpoint stays unknown.
         earlier_patients = meta.get("train_patients", None if config.init_checkpoint else [])
@@ -412,7 +416,10 @@ def _train_and_evaluate(config, workdir, source):
         )
     finally:
         signal.signal(signal.SIGTERM, previous_handler)
-        writer.flush()
+        try:
+            writer.flush()
+        except Exception as e:  # a full disk: the error in flight, if any, is the news
+            logging.warning("TensorBoard summaries in %s/tensorboard not written: %s", workdir, e)
         checkpointer.close()
     if not completed:
         return None
@@ -469,6 +476,7 @@ def _train_loop(
                     writer.scalar(f"train/{k}", v, step)
                 writer.scalar("train/images_per_s", images_per_s, step)
                 writer.scalar("train/learning_rate", float(lr_fn(step)), step)
+        val_metrics = None
         if (step % config.eval_every_steps == 0 or is_last) and not is_preempted:
             ema = state.ema
             val_metrics, _ = evaluator.run(ema["params"], ema["batch_stats"])
@@ -486,12 +494,12 @@ def _train_loop(
                     ema["params"], ema["batch_stats"], val_metrics["detection_threshold"]
                 )
                 writer.image("val/results_grid", grid, step)
-            dice = val_metrics["dice_per_volume_mean"] or 0.0
-            if dice > meta["best_dice"]:
-                meta.update(best_dice=dice, best_step=step)
-                checkpointer.save(state, dict(meta, step=step, val_metrics=val_metrics), best=True)
-        if is_checkpoint:
-            checkpointer.save(state, dict(meta, step=step))
+        # A validated step is always saved, with its metrics: the best checkpoint is
+        # the kept step that scored highest, so it needs no save of its own.
+        if is_checkpoint or val_metrics is not None:
+            checkpointer.save(state, dict(meta, step=step), val_metrics)
+            if val_metrics is not None and checkpointer.best_step() == step:
+                logging.info("step %d is the best checkpoint so far", step)
         if is_preempted and not is_last:
             logging.warning(
                 "SIGTERM: saved a checkpoint of step %d; run the same command to resume", step

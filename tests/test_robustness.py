@@ -1,5 +1,6 @@
 """Crashes, pre-emption, damaged checkpoints, numerical faults, bad data, determinism."""
 
+import json
 import os
 import re
 import shutil
@@ -46,8 +47,8 @@ def _steps(workdir):
     )
 
 
-def _start_and_wait_for_a_checkpoint(workdir):
-    """Starts a long tiny run in the background; returns it once a checkpoint is on disk."""
+def _start_in_background(workdir):
+    """Starts a long tiny run in the background; returns it and its log's path."""
     flags = [
         "--config.num_train_steps=100000",
         "--config.checkpoint_every_steps=5",
@@ -57,11 +58,14 @@ def _start_and_wait_for_a_checkpoint(workdir):
     log_path = os.path.join(os.path.dirname(workdir), "log.txt")
     with open(log_path, "w") as log:
         proc = subprocess.Popen(_command(workdir, *flags), cwd=REPO, stderr=log, stdout=log)
+    return proc, log_path
+
+
+def _wait_for_a_checkpoint(workdir):
     deadline = time.time() + 300
     while not _steps(workdir) and time.time() < deadline:
         time.sleep(0.5)
     assert _steps(workdir), "no checkpoint appeared"
-    return proc, log_path
 
 
 def _read(path):
@@ -69,25 +73,20 @@ def _read(path):
         return f.read()
 
 
-def test_kill_9_loses_at_most_one_checkpoint_interval_and_resumes(tmp_path):
-    workdir = str(tmp_path / "run")
-    proc, log_path = _start_and_wait_for_a_checkpoint(workdir)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    last_logged = max(int(m) for m in re.findall(r"step (\d+)/100000", _read(log_path)))
-    log = _launch(workdir, "--config.num_train_steps=" + str(last_logged + 3))
-    resumed = int(re.search(r"Resuming from step (\d+)", log).group(1))
-    assert last_logged - resumed <= 5  # checkpoint_every_steps
-    assert _steps(workdir)[-1] == last_logged + 3
-
-
 def test_a_second_run_in_the_workdir_is_refused_and_sigterm_saves_the_step(tmp_path):
     workdir = str(tmp_path / "run")
-    proc, log_path = _start_and_wait_for_a_checkpoint(workdir)
+    proc, log_path = _start_in_background(workdir)
+    # The lock is the first thing a run takes: a second start in the fresh workdir, while
+    # the first is still writing its synthetic data, is refused before it writes.
+    lock = os.path.join(workdir, checkpointing.LOCK_FILE)
+    while not (os.path.exists(lock) and os.path.getsize(lock)):
+        assert proc.poll() is None
+        time.sleep(0.05)
     log = _launch(workdir, expect_rc=1)
     errors = [line for line in log.splitlines() if line.startswith("E")]
     assert f"{workdir} is in use by another training run (pid {proc.pid} on " in errors[0]
-    assert proc.poll() is None and "Traceback" not in log
+    assert len(errors) == 1 and proc.poll() is None and "Traceback" not in log
+    _wait_for_a_checkpoint(workdir)
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=120) == 0
     saved = int(re.search(r"SIGTERM: saved a checkpoint of step (\d+)", _read(log_path)).group(1))
@@ -121,7 +120,11 @@ def test_killed_save_and_damaged_latest_step_fall_back(trained, tmp_path):
     log = _launch(workdir, "--config.num_train_steps=8")
     assert re.search(r"Checkpoint step 6 in \S+ is unreadable", log)
     assert "Resuming from step 3" in log
-    assert 8 in _steps(workdir)
+    # The replay validates step 6 again and saves it beside the damaged one it set aside.
+    assert _steps(workdir) == [3, 6, 8] and not os.path.exists(leftover)
+    assert os.path.isdir(os.path.join(workdir, "checkpoints", "6.damaged"))
+    with open(os.path.join(workdir, "eval", "metrics.json")) as f:
+        assert json.load(f)["checkpoint_step"] in (3, 6, 8)
 
 
 def test_incompatible_checkpoint_names_the_mismatched_shapes(trained, tmp_path):
@@ -253,7 +256,7 @@ def test_checkpoints_and_prepared_data_load_without_pickle(trained, tmp_path, mo
     monkeypatch.setattr(pickle, "load", refuse)
     monkeypatch.setattr(pickle, "loads", refuse)
     variables, meta = checkpointing.restore_model(os.path.join(trained, "checkpoints"))
-    assert meta["step"] == 6 and jax.tree.leaves(variables)
+    assert meta["step"] in (3, 6) and jax.tree.leaves(variables)  # the better validated
     config = tiny.get_config()
     config.data.prepared_dir = os.path.join(trained, "prepared")
     source = sources.open_source(config, trained)

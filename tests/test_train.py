@@ -232,7 +232,11 @@ def test_launch_trains_evaluates_and_resumes(tmp_path):
     log = _launch(workdir)
     assert "SYNTHETIC" in log
     assert os.path.isdir(os.path.join(workdir, "checkpoints", "6"))
-    assert os.listdir(os.path.join(workdir, "checkpoints_best"))
+    # Both steps were validated; the final evaluation restored the better one.
+    saver = checkpointing.Checkpointer(workdir, keep=3)
+    best = saver.best_step()
+    saver.close()
+    assert best in (3, 6)
     assert any(f.startswith("events") for f in os.listdir(os.path.join(workdir, "tensorboard")))
     with open(os.path.join(workdir, "eval", "metrics.json")) as f:
         trained = json.load(f)
@@ -251,6 +255,7 @@ def test_launch_trains_evaluates_and_resumes(tmp_path):
     ):
         assert key in trained
     assert trained["num_patients"] == 2 and trained["num_slices"] == 12
+    assert trained["checkpoint_step"] == best
     # Checkpoints list their training patients; the evaluation scored none of them.
     _, meta = checkpointing.restore_model(workdir)
     assert len(meta["train_patients"]) == 4 and trained["patients_seen_in_training"] == 0
