@@ -243,7 +243,8 @@ def _read_dicom(folder: str):
         series.setdefault(ds.get("SeriesInstanceUID", ""), []).append(ds)
     if len(series) > 1:
         described = ", ".join(
-            f"{s[0].get('SeriesDescription', '?')!r} ({len(s)} files)" for s in series.values()
+            f"{s[0].get('SeriesDescription', '?')!r} ({len(s)} files)"
+            for s in sorted(series.values(), key=len, reverse=True)
         )
         raise lgg.DataError(
             f"{folder}: {len(series)} DICOM series in one folder ({described}); "
