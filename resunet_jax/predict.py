@@ -106,7 +106,8 @@ def find_inputs(path: str) -> Inputs:
             if n.lower().endswith((".tif", ".tiff")) and "_mask." not in n.lower()
         ]
         sources += [os.path.join(folder, n) for n in names if volumes.is_nifti(n)]
-        if any(volumes.is_dicom(os.path.join(folder, n)) for n in names):
+        others = [n for n in names if not n.lower().endswith((".tif", ".tiff", ".nii", ".nii.gz"))]
+        if any(volumes.is_dicom(os.path.join(folder, n)) for n in others):
             sources.append(folder)  # a DICOM series folder
     if not found and not sources:
         raise lgg.DataError(f"{path}: no .tif slices, NIfTI volumes or DICOM series found")
@@ -203,7 +204,7 @@ def _patient_row(name, source, masks, probabilities, voxel_ml=None, **files) -> 
     }
 
 
-def _predict_folder(predictor, folder, paths, names, save_probabilities, rows, patients):
+def _predict_folder(predictor, folder, paths, root, out_dir, save_probabilities, rows, patients):
     """Predicts one folder's .tif slices (one patient's volume, in natural order);
     unusable files become error rows."""
     read = []
@@ -216,15 +217,14 @@ def _predict_folder(predictor, folder, paths, names, save_probabilities, rows, p
     if not read:
         return
     result = predictor.predict([image for _, image in read])
+    base = root if os.path.isdir(root) else os.path.dirname(root)  # outputs mirror below it
     for i, (path, image) in enumerate(read):
         h, w = image.shape[:2]
         probabilities = result.probabilities[i, :h, :w] if save_probabilities else None
         prob = float(result.tumor_probabilities[i])
-        rows.append(
-            _write_prediction(path, image, result.masks[i, :h, :w], prob, probabilities, *names)
-        )
-    name = os.path.relpath(folder, names[0])
-    name = os.path.basename(os.path.abspath(names[0])) if name == "." else name
+        mask = result.masks[i, :h, :w]
+        rows.append(_write_prediction(path, image, mask, prob, probabilities, base, out_dir))
+    name = volumes.output_name(folder, root)
     patients.append(_patient_row(name, folder, result.masks, result.probabilities))
 
 
@@ -285,7 +285,6 @@ def predict(config, workdir: str) -> list[dict]:
     predictor = inference.Predictor.from_checkpoint(config.checkpoint or workdir, config)
     root = config.predict.input
     inputs = find_inputs(root)
-    base = root if os.path.isdir(root) else os.path.dirname(root)
     out_dir = os.path.join(workdir, "predict")
     if jax.process_index() == 0:
         evaluate.keep_earlier(out_dir, CSV_NAME)
@@ -300,9 +299,7 @@ def predict(config, workdir: str) -> list[dict]:
     for path in inputs.slices:
         folders.setdefault(os.path.dirname(path), []).append(path)
     for folder, paths in folders.items():
-        _predict_folder(
-            predictor, folder, paths, (base, out_dir), save_probabilities, rows, patients
-        )
+        _predict_folder(predictor, folder, paths, root, out_dir, save_probabilities, rows, patients)
     for source in inputs.volumes:
         _predict_volume(predictor, source, out_dir, save_probabilities, rows, patients)
     _write_csv(os.path.join(out_dir, CSV_NAME), CSV_FIELDS, rows)

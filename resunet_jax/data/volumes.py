@@ -143,6 +143,18 @@ def role_of(path: str) -> str | None:
     return next((role for role, names in _ROLES if parts & names), None)
 
 
+def output_name(path: str, root: str) -> str:
+    """A patient's output name: `path` below the input root without its NIfTI extension
+    (the root's own name when `path` is the root folder)."""
+    base = root if os.path.isdir(root) else os.path.dirname(root)
+    rel = os.path.relpath(path, base)
+    rel = os.path.basename(os.path.abspath(root)) if rel == "." else rel
+    for ext in _NIFTI:
+        if rel.lower().endswith(ext):
+            return rel[: -len(ext)]
+    return rel
+
+
 def group_sources(sources: list[str], root: str) -> list[VolumeInput]:
     """Groups NIfTI files and DICOM series folders into patients (module docstring).
 
@@ -153,16 +165,6 @@ def group_sources(sources: list[str], root: str) -> list[VolumeInput]:
     Returns:
         One VolumeInput per patient, sorted by name.
     """
-    base = root if os.path.isdir(root) else os.path.dirname(root)
-
-    def name(path):
-        rel = os.path.relpath(path, base)
-        rel = os.path.basename(os.path.abspath(root)) if rel == "." else rel
-        for ext in _NIFTI:
-            if rel.lower().endswith(ext):
-                return rel[: -len(ext)]
-        return rel
-
     by_parent = {}
     for source in sources:
         if not _name_parts(source) & _GROUND_TRUTH:
@@ -170,7 +172,7 @@ def group_sources(sources: list[str], root: str) -> list[VolumeInput]:
     patients = []
     for parent, members in by_parent.items():
         if not any(role_of(m) == "flair" for m in members):
-            patients += [VolumeInput(name(m), {"flair": m}) for m in members]
+            patients += [VolumeInput(output_name(m, root), {"flair": m}) for m in members]
             continue
         roles, problem = {}, ""
         for member in sorted(members):
@@ -179,7 +181,7 @@ def group_sources(sources: list[str], root: str) -> list[VolumeInput]:
                 problem = f"{member}: a second {role} volume in its folder (and {roles[role]})"
             elif role:
                 roles[role] = member
-        patients.append(VolumeInput(name(parent), roles, problem))
+        patients.append(VolumeInput(output_name(parent, root), roles, problem))
     return sorted(patients, key=lambda p: p.name)
 
 
