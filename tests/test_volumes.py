@@ -6,7 +6,9 @@ that change with any change of the input, so equal masks mean equal model inputs
 """
 
 import csv
+import json
 import os
+import sys
 import warnings
 
 import nibabel as nib
@@ -301,3 +303,30 @@ def test_to_uint8_keeps_8_bit_and_maps_other_types_by_their_range():
     )
     with pytest.raises(lgg.DataError, match="^x: 1 non-finite values"):
         volumes.to_uint8(np.array([1.0, np.inf]), "x")
+
+
+def test_nifti_parity_benchmark_reports_identical_uint8_masks(
+    model, tiny_data, monkeypatch, capsys
+):
+    monkeypatch.syspath_prepend(
+        os.path.join(os.path.dirname(os.path.dirname(__file__)), "benchmarks")
+    )
+    monkeypatch.setenv("JAX_PLATFORMS", "cpu")  # main() sets it for its own process
+    import nifti_parity
+
+    argv = [
+        "nifti_parity.py",
+        "--data_dir",
+        tiny_data,
+        "--checkpoint",
+        model,
+        "--num_patients",
+        "2",
+    ]
+    monkeypatch.setattr(sys, "argv", argv)
+    nifti_parity.main()
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    *patients, summary = lines
+    assert len(patients) == 2 and summary["num_patients"] == 2
+    assert summary["identical_masks_nifti_uint8"] == 2
+    assert summary["max_abs_dice_difference_nifti_uint8"] == 0.0
