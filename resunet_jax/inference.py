@@ -59,7 +59,7 @@ class Predictor:
     def __init__(self, model, variables, config: ml_collections.ConfigDict, threshold: float):
         self.config = config
         self.threshold = threshold
-        self.variables = jax.tree.map(np.asarray, variables)
+        self.variables = jax.device_put(variables)  # once, not with every batch
         self.batch_size = config.eval.batch_size
         self.postprocess = config.eval.get("postprocess", "none")
         postprocess.check_method(self.postprocess)

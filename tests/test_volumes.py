@@ -130,6 +130,9 @@ def test_nifti_and_dicom_copies_predict_the_masks_of_the_tif_slices(tmp_path, mo
             image = nib.load(out / kind / f"{p}_pred_mask.nii.gz")
             assert image.shape == (32, 32, 6) and image.get_data_dtype() == np.uint8
             np.testing.assert_allclose(image.affine, affine, atol=1e-5)
+            assert image.header["sform_code"] > 0  # viewers place it by the affine
+            if kind == "dicom":  # NIfTI: the input header's units (unset in these files)
+                assert image.header.get_xyzt_units()[0] == "mm"
             data = np.asanyarray(image.dataobj)
             assert set(np.unique(data)) <= {0, 1}
             mask = data.transpose(2, 1, 0) > 0  # the input's grid -> Kaggle slices

@@ -107,9 +107,14 @@ class Volume:
     def write_nifti(self, volume: np.ndarray, path: str):
         """Writes `volume` (input layout, `to_input_grid`) as NIfTI with the input's
         affine and header (data type and scaling set for `volume`)."""
-        header = self.header.copy() if self.header is not None else nib.Nifti1Header()
-        header.set_data_dtype(volume.dtype)
-        image = nib.Nifti1Image(volume, self.affine, header)
+        if self.header is not None:
+            image = nib.Nifti1Image(volume, self.affine, self.header.copy())
+        else:  # from DICOM: the scanner's coordinates, in mm
+            image = nib.Nifti1Image(volume, None)
+            image.set_sform(self.affine, code="scanner")
+            image.set_qform(self.affine, code="scanner")
+            image.header.set_xyzt_units("mm")
+        image.set_data_dtype(volume.dtype)
         image.header.set_slope_inter(1.0, 0.0)
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
         nib.save(image, path)
