@@ -14,7 +14,10 @@ slice's size, thresholded at 0.5 and gated by the checkpoint's detection thresho
 with `eval.postprocess=largest_component` the largest 3D component is kept. A joined
 model (`model.no_contrast_expert`, the shipped one) routes each slice whose pre-contrast
 is a FLAIR copy to its no-contrast network. The resizing and normalisation still use the
-tf.data helpers (`input_pipeline`), imported on the first prediction.
+tf.data helpers (`input_pipeline`), imported on the first prediction: evaluation resizes
+with them, and `jax.image.resize` (antialiased) differs from TF's by one grey level at 2
+of 100,000 resized values (60 LGG slices, 256 -> 128), so predictions would not equal
+evaluation's.
 """
 
 import dataclasses

@@ -223,6 +223,7 @@ def test_each_bad_input_gets_one_error_and_the_others_are_predicted(tmp_path, mo
     (tmp_path / "in" / "notes.nii.gz").write_text("not a volume")
     _write_dicom(flair, tmp_path / "in" / "mixed")
     _write_dicom(flair[:2], tmp_path / "in" / "mixed", description="localizer")
+    _write_dicom(flair[:1], tmp_path / "in" / "single")
     os.makedirs(tmp_path / "in" / "empty")
     report = Dataset()
     report.file_meta = FileMetaDataset()
@@ -241,11 +242,13 @@ def test_each_bad_input_gets_one_error_and_the_others_are_predicted(tmp_path, mo
         "notes.nii.gz": "notes.nii.gz: not a readable NIfTI file",
         "mixed": "mixed: 2 DICOM series in one folder ('FLAIR' (6 files), 'localizer' (2 files))",
         "empty": "empty: no DICOM image in this folder (1 other DICOM files)",
+        "single": "single/",  # then the file: "...dcm: a single DICOM slice (2-D)"
     }
     assert sorted(errors) == sorted(expected)
     for name, message in expected.items():
         assert errors[name].startswith(str(tmp_path / "in" / message)), errors[name]
         assert "\n" not in errors[name]
+    assert errors["single"].endswith(".dcm: a single DICOM slice (2-D); expected a volume")
     (ok,) = [r for r in rows if not r["error"]]
     assert ok["file"] == str(good) and os.path.exists(ok["mask_file"])
     assert patients["good"]["error"] == "" and patients["fourd"]["error"] == errors["fourd.nii"]
