@@ -21,8 +21,10 @@ then routes the slices to its network for scans without contrast).
 Orientation: every volume is brought to RAS+ axes by axis permutations and flips only
 (`nibabel.orientations`, the closest canonical orientation: no resampling, an oblique
 scan keeps its tilt), then cut into axial slices laid out as the Kaggle .tif slices are:
-rows anterior to posterior, columns patient right to left (radiological convention),
-slices inferior to superior (slice 1 is the lowest). `slices_to_volume` writes a stack of
+rows anterior to posterior, slices inferior to superior (slice 1 is the lowest), as the
+images show, and columns patient right to left (the radiological convention of DICOM
+axial images: the .tif files carry no orientation and left and right cannot be told from
+the images; the model trains with left-right flips). `slices_to_volume` writes a stack of
 Kaggle slices with that convention, and reading it back gives the stack exactly.
 Predictions go back to the input's own axes and are written with its affine and header,
 so they overlay the input in any viewer. The in-plane grid is resized to the model's
