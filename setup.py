@@ -16,6 +16,8 @@ setup(
         "numpy",
         "scipy",
         "tifffile",
+        "nibabel",  # NIfTI volumes in and out (predict)
+        "pydicom",  # DICOM series in (predict)
         "tensorflow-cpu>=2.18",
         "tensorflow-datasets>=4.9.8",
         "importlib_resources",  # needed by tensorflow-datasets, not declared by it

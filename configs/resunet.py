@@ -147,8 +147,12 @@ def get_config() -> ml_collections.ConfigDict:
     config.eval.missing_sequences = ""
 
     config.predict = ml_collections.ConfigDict()
-    # --mode=predict input: a .tif, a folder of .tif slices, or a folder of patient folders.
+    # --mode=predict input: a .tif or NIfTI file, a DICOM series folder, or a folder of them
+    # or of patient folders (resunet_jax/predict.py, resunet_jax/data/volumes.py).
     config.predict.input = ""
+    # Also write float32 pixel probabilities: <name>_pred_prob.tif per .tif slice,
+    # <name>_pred_prob.nii.gz per volume.
+    config.predict.save_probabilities = False
 
     # Checkpoint to evaluate / predict with ("" = the workdir's best, else latest).
     config.checkpoint = ""

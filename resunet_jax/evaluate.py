@@ -198,7 +198,8 @@ def checkpoint_config(config: ml_collections.ConfigDict, meta: dict):
                 dst, src = dst[p], src[p]
             if leaf not in src:
                 src = {leaf: _SAVED_BEFORE[field]}
-            wanted, saved_value = _plain(dst[leaf]), _plain(src[leaf])
+            # A config without the field (an old checkpoint's own) takes the saved value.
+            wanted, saved_value = _plain(dst.get(leaf)), _plain(src[leaf])
             if wanted is not None and wanted != saved_value:
                 logging.warning(
                     "Using the checkpoint's %s=%s (the config had %s)", field, saved_value, wanted

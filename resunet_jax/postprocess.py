@@ -12,8 +12,8 @@ def check_method(name: str) -> None:
         raise ValueError(f"eval.postprocess must be one of {', '.join(METHODS)}, got {name!r}")
 
 
-def masks_at_original_size(prob_maps, heights, widths, threshold: float = 0.5):
-    """Resizes probability maps to their slices' original sizes and thresholds them.
+def probabilities_at_original_size(prob_maps, heights, widths):
+    """Resizes probability maps to their slices' original sizes (bilinear).
 
     The model sees slices resized to S x S; a prediction is judged (and written) at the
     slice's own resolution, as published results on the LGG data are, so that small
@@ -23,24 +23,28 @@ def masks_at_original_size(prob_maps, heights, widths, threshold: float = 0.5):
         prob_maps: [N, S, S] pixel tumour probabilities at the model's resolution.
         heights: [N] original slice heights.
         widths: [N] original slice widths.
-        threshold: probability at which a pixel is tumour.
 
     Returns:
-        [N, max(heights), max(widths)] bool masks, bilinearly resized probabilities >=
-        `threshold`, each in its top-left h x w corner and False beyond it (so that
-        slices of different sizes stack).
+        [N, max(heights), max(widths)] float32, each slice's map in its top-left h x w
+        corner and 0 beyond it (so that slices of different sizes stack).
     """
     import tensorflow as tf  # only here: the rest of the module is numpy/scipy
 
     heights, widths = np.asarray(heights), np.asarray(widths)
-    out = np.zeros((len(heights), heights.max(), widths.max()), bool)
+    out = np.zeros((len(heights), heights.max(), widths.max()), np.float32)
     sizes = np.stack([heights, widths], axis=1)
     # One resize call per distinct size (one per batch for the LGG data).
     for h, w in np.unique(sizes, axis=0):
         rows = np.flatnonzero((sizes == (h, w)).all(axis=1))
         probs = tf.image.resize(np.asarray(prob_maps)[rows, ..., None], (h, w)).numpy()
-        out[rows, :h, :w] = probs[..., 0] >= threshold
+        out[rows, :h, :w] = probs[..., 0]
     return out
+
+
+def masks_at_original_size(prob_maps, heights, widths, threshold: float = 0.5):
+    """`probabilities_at_original_size` thresholded: [N, max(heights), max(widths)] bool,
+    probability >= `threshold`, False beyond each slice's h x w."""
+    return probabilities_at_original_size(prob_maps, heights, widths) >= threshold
 
 
 def largest_component_3d(volume):

@@ -1,19 +1,39 @@
-"""Runs a trained model on a user's own scans: .tif slices in, masks, overlays and a CSV out.
+"""Runs a trained model on a user's own scans: .tif slices, NIfTI volumes and DICOM
+series in; masks, overlays, probability maps and reports out (`inference.Predictor`).
 
-Input: one .tif, a folder of .tif slices, or a folder of patient folders (`*_mask.tif`
-files are ground truth and skipped). Each slice is brought to the model's input the way
-training saw it: 1-channel images are replicated to 3 channels, 16-bit and float images
-rescaled to 0..255, any size resized to `data.image_size`; a model trained with
-"volume" normalisation takes its statistics from all readable slices of the slice's
-folder (one folder = one patient's volume), and a 2.5-D model (`data.context_slices`)
-its neighbouring slices from the readable slices of the folder in natural order
-(`x_2.tif` before `x_10.tif`). The predicted mask is resized back to the slice's own
-size; with `eval.postprocess=largest_component` each folder's masks keep only their
-largest 3D connected component, as evaluation does. A file that cannot be used gets one
-error line naming it and a row in predictions.csv; the other files are still processed.
+Input: a .tif, a NIfTI file, or a folder of them, of patient folders or of DICOM series
+folders (`*_mask.tif` files are ground truth and skipped; volumes: `data/volumes.py`
+gives the naming of several sequences, the orientation and the intensity mapping). Each
+.tif slice is brought to the model's input the way training saw it: 1-channel images
+are replicated to 3 channels, 16-bit and float images rescaled to 0..255, any size
+resized to `data.image_size`. One folder of .tif slices, or one volume, is one patient:
+predicted together, so that "volume" normalisation takes its statistics from all its
+readable slices, a 2.5-D model (`data.context_slices`) its neighbouring slices from them
+in natural order (`x_2.tif` before `x_10.tif`), and `eval.postprocess=largest_component`
+keeps its largest 3D connected component, as evaluation does. Predictions are resized
+back to each slice's own size.
+
+Output in `WORKDIR/predict/`, mirroring the input's paths:
+- per .tif slice `<name>_pred_mask.tif` (uint8 0/255, like the dataset's masks), an
+  overlay PNG per tumour slice and, with `predict.save_probabilities`,
+  `<name>_pred_prob.tif` (float32 pixel probabilities);
+- per volume `<name>_pred_mask.nii.gz` (uint8 0/1) and, with `predict.save_probabilities`,
+  `<name>_pred_prob.nii.gz` (float32), on the input's grid with its affine and header;
+- `predictions.csv`: one row per .tif slice and per volume (a volume's tumour
+  probability is its highest slice's, its area its voxel count);
+- `patients.csv` and `patients.json`: one row per patient (`PATIENT_FIELDS`): tumour
+  yes/no, slices with tumour, lesion volume (in mL where the voxel size is known, i.e.
+  for volumes, else in pixels, as `lesion_volume_unit` says), the largest 3D connected
+  component's share of it, and the mean pixel probability over the predicted lesion.
+Probability maps are the model's, before the slice detection gate that empties the
+masks of slices called tumour-free. An input that cannot be used gets one error line
+naming it and a row with its error in predictions.csv (and patients.csv for a volume);
+the other inputs are still processed.
 """
 
 import csv
+import dataclasses
+import json
 import os
 import re
 
@@ -23,39 +43,60 @@ import tifffile
 from absl import logging
 from jax.experimental import multihost_utils
 
-from resunet_jax import (
-    checkpointing,
-    context,
-    evaluate,
-    input_pipeline,
-    models,
-    parallel,
-    postprocess,
-    train,
-    visualize,
-)
-from resunet_jax.data import lgg
+from resunet_jax import checkpointing, evaluate, inference, postprocess, visualize
+from resunet_jax.data import lgg, volumes
 
 CSV_NAME = "predictions.csv"
 CSV_FIELDS = ("file", "tumor_probability", "tumor", "predicted_area_pixels", "mask_file", "error")
+PATIENTS_NAME = "patients.csv"  # and patients.json, the same rows
+PATIENT_FIELDS = (
+    "patient",
+    "source",
+    "num_slices",
+    "tumor",
+    "slices_with_tumor",
+    "lesion_volume",
+    "lesion_volume_unit",
+    "largest_component_share",
+    "mean_tumor_probability",
+    "mask_file",
+    "probability_file",
+    "error",
+)
 
 
-def find_inputs(path: str) -> list[str]:
-    """The .tif slices at `path` (a file, a folder, or a folder of folders), sorted.
+@dataclasses.dataclass(frozen=True)
+class Inputs:
+    """What `find_inputs` found.
+
+    Attributes:
+        slices: .tif slices, in natural order.
+        volumes: NIfTI volumes and DICOM series, grouped into patients.
+    """
+
+    slices: list
+    volumes: list
+
+
+def find_inputs(path: str) -> Inputs:
+    """The .tif slices, NIfTI volumes and DICOM series at `path` (a file, a folder, or a
+    folder of folders).
 
     Raises:
-        lgg.DataError: `path` does not exist or holds no .tif slice.
+        lgg.DataError: `path` does not exist or holds none of them.
     """
     if os.path.isfile(path):
-        if "_mask." in os.path.basename(path).lower():
+        if volumes.is_ground_truth(path):
             raise lgg.DataError(
-                f"{path}: a ground-truth mask (*_mask.tif), not an image; give its image "
-                "or the folder (masks there are skipped)"
+                f"{path}: a ground-truth mask, not a scan; give the scan or its folder "
+                "(masks there are skipped)"
             )
-        return [path]
+        if volumes.is_nifti(path):
+            return Inputs([], volumes.group_sources([path], path))
+        return Inputs([path], [])
     if not os.path.isdir(path):
         raise lgg.DataError(f"{path}: no such file or folder")
-    found, visited = [], set()
+    found, sources, visited = [], [], set()
     # Folders of links to patient folders are common on shared storage, so links are
     # followed; each real folder is read once, which also ends any link cycle.
     for folder, subfolders, names in os.walk(path, followlinks=True):
@@ -69,9 +110,13 @@ def find_inputs(path: str) -> list[str]:
             for n in names
             if n.lower().endswith((".tif", ".tiff")) and "_mask." not in n.lower()
         ]
-    if not found:
-        raise lgg.DataError(f"{path}: no .tif slices found")
-    return sorted(found, key=_natural_key)
+        sources += [os.path.join(folder, n) for n in names if volumes.is_nifti(n)]
+        others = [n for n in names if not n.lower().endswith((".tif", ".tiff", ".nii", ".nii.gz"))]
+        if any(volumes.is_dicom(os.path.join(folder, n)) for n in others):
+            sources.append(folder)  # a DICOM series folder
+    if not found and not sources:
+        raise lgg.DataError(f"{path}: no .tif slices, NIfTI volumes or DICOM series found")
+    return Inputs(sorted(found, key=_natural_key), volumes.group_sources(sources, path))
 
 
 def _natural_key(path: str):
@@ -99,30 +144,20 @@ def load_slice(path: str) -> np.ndarray:
             f"{path}: not a 2-D slice (shape {image.shape}; expected [H, W], "
             "[H, W, 1|3|4] or [3, H, W], at least 8x8; save a stack one slice per file)"
         )
-    image = image[..., :3] if image.shape[-1] == 4 else image
-    image = np.repeat(image, 3, axis=-1) if image.shape[-1] == 1 else image
-    if image.dtype != np.uint8:
-        if not (np.issubdtype(image.dtype, np.integer) or np.issubdtype(image.dtype, np.floating)):
-            raise lgg.DataError(f"{path}: unsupported pixel type {image.dtype}")
-        image = image.astype(np.float64)
-        # A NaN pixel would cast to an arbitrary uint8 value and an inf spoil the range,
-        # so both are errors rather than silently wrong inputs.
-        bad = int((~np.isfinite(image).all(axis=-1)).sum())
-        if bad:
-            raise lgg.DataError(f"{path}: {bad} non-finite pixels (NaN or inf)")
-        lo, hi = image.min(), image.max()
-        image = np.round((image - lo) * (255.0 / (hi - lo) if hi > lo else 0.0)).astype(np.uint8)
-    return image
+    image = volumes.to_uint8(image[..., :3] if image.shape[-1] == 4 else image, path)
+    return np.repeat(image, 3, axis=-1) if image.shape[-1] == 1 else image
 
 
-def _write_prediction(path, image, mask, tumor_prob, base, out_dir) -> dict:
-    """Writes one slice's mask (and overlay if tumour); returns its CSV row.
+def _write_prediction(path, image, mask, tumor_prob, probabilities, base, out_dir) -> dict:
+    """Writes one slice's mask (overlay if tumour, probabilities if given); returns its
+    CSV row.
 
     Args:
         path: the input file.
         image: [H, W, 3] uint8 slice as read.
         mask: [H, W] bool predicted mask, after the detection gate.
         tumor_prob: slice tumour probability.
+        probabilities: [H, W] float32 pixel probabilities, or None (not written).
         base: input root; outputs mirror the path below it.
         out_dir: output folder.
     """
@@ -130,6 +165,9 @@ def _write_prediction(path, image, mask, tumor_prob, base, out_dir) -> dict:
     mask_path = os.path.join(out_dir, f"{rel}_pred_mask.tif")
     os.makedirs(os.path.dirname(mask_path), exist_ok=True)
     tifffile.imwrite(mask_path, (mask * 255).astype(np.uint8), compression="zlib")
+    if probabilities is not None:
+        prob_path = os.path.join(out_dir, f"{rel}_pred_prob.tif")
+        tifffile.imwrite(prob_path, probabilities.astype(np.float32), compression="zlib")
     if mask.any():
         visualize.overlay_png(image, mask, os.path.join(out_dir, f"{rel}_overlay.png"))
     return {
@@ -142,122 +180,150 @@ def _write_prediction(path, image, mask, tumor_prob, base, out_dir) -> dict:
     }
 
 
-def _read_slices(paths, config, rows) -> list[tuple]:
-    """Reads slices into model inputs ("volume" statistics and context slices: over all
-    of `paths`, one patient's folder in slice order); unusable files become error rows.
+def _patient_row(name, source, masks, probabilities, voxel_ml=None, **files) -> dict:
+    """One patient's patients.csv row.
 
-    Returns:
-        (path, image [H, W, 3] uint8 as read, model input [S, S, C] float32) of each
-        readable file.
+    Args:
+        name: the patient's output name.
+        source: its input folder, file or DICOM series.
+        masks: [Z, H, W] bool predicted masks in slice order.
+        probabilities: [Z, H, W] float32 pixel probabilities.
+        voxel_ml: one voxel's volume in mL; None: the lesion is counted in pixels.
+        **files: "mask_file", "probability_file" written for it.
     """
+    voxels = int(masks.sum())
+    largest = int(postprocess.largest_component_3d(masks).sum()) if voxels else 0
+    return dict.fromkeys(PATIENT_FIELDS, "") | {
+        "patient": name,
+        "source": source,
+        "num_slices": len(masks),
+        "tumor": voxels > 0,
+        "slices_with_tumor": int(masks.any(axis=(1, 2)).sum()),
+        "lesion_volume": round(voxels * voxel_ml, 4) if voxel_ml is not None else voxels,
+        "lesion_volume_unit": "mL" if voxel_ml is not None else "pixels",
+        "largest_component_share": round(largest / voxels, 4) if voxels else None,
+        "mean_tumor_probability": (
+            round(float(probabilities[masks].mean()), 4) if voxels else None
+        ),
+        **files,
+    }
+
+
+def _predict_folder(predictor, folder, paths, root, out_dir, save_probabilities, rows, patients):
+    """Predicts one folder's .tif slices (one patient's volume, in natural order);
+    unusable files become error rows."""
     read = []
     for path in paths:
         try:
-            image = load_slice(path)
+            read.append((path, load_slice(path)))
         except lgg.DataError as e:
             logging.error("%s", e)
             rows.append(dict.fromkeys(CSV_FIELDS, "") | {"file": path, "error": str(e)})
-            continue
-        empty_mask = np.zeros(image.shape[:2] + (1,), np.uint8)
-        resized = input_pipeline.resize_example(
-            {"image": image, "mask": empty_mask}, config.data.image_size
-        )["image"]
-        read.append((path, image, resized))
     if not read:
-        return []
-    resized = np.stack([r[2] for r in read])
-    stats = None
-    if config.data.normalization == "volume":
-        moments = np.asarray(input_pipeline.slice_moments(resized)).sum(axis=0)
-        stats = input_pipeline.volume_stats(moments)
-    k = config.data.context_slices
-    if k:  # the folder's slices in natural order are the volume's axis
-        neighbours = context.context_rows(np.zeros(len(read)), np.arange(len(read)), k)
-        resized = context.stack_context(resized, neighbours)
-    model_in = np.asarray(input_pipeline.normalize(resized, config.data.normalization, stats))
-    return [(path, image, x) for (path, image, _), x in zip(read, model_in, strict=True)]
+        return
+    result = predictor.predict([image for _, image in read])
+    base = root if os.path.isdir(root) else os.path.dirname(root)  # outputs mirror below it
+    for i, (path, image) in enumerate(read):
+        h, w = image.shape[:2]
+        probabilities = result.probabilities[i, :h, :w] if save_probabilities else None
+        prob = float(result.tumor_probabilities[i])
+        mask = result.masks[i, :h, :w]
+        rows.append(_write_prediction(path, image, mask, prob, probabilities, base, out_dir))
+    name = volumes.output_name(folder, root)
+    patients.append(_patient_row(name, folder, result.masks, result.probabilities))
 
 
-def _predict_masks(step, variables, slices, batch_size: int, threshold: float):
-    """Predicts `_read_slices`' output in batches of `batch_size`.
+def _predict_volume(predictor, source, out_dir, save_probabilities, rows, patients):
+    """Predicts one NIfTI or DICOM patient into NIfTI files; an unusable one becomes
+    error rows."""
+    flair = source.sequences.get("flair", "")
+    try:
+        volume = volumes.read_volume(source)
+    except lgg.DataError as e:
+        logging.error("%s", e)
+        rows.append(dict.fromkeys(CSV_FIELDS, "") | {"file": flair, "error": str(e)})
+        patients.append(
+            dict.fromkeys(PATIENT_FIELDS, "")
+            | {"patient": source.name, "source": flair, "error": str(e)}
+        )
+        return
+    result = predictor.predict(volume.images)
+    files = {"mask_file": os.path.join(out_dir, f"{source.name}_pred_mask.nii.gz")}
+    volume.write_nifti(volume.to_input_grid(result.masks).astype(np.uint8), files["mask_file"])
+    if save_probabilities:
+        files["probability_file"] = os.path.join(out_dir, f"{source.name}_pred_prob.nii.gz")
+        volume.write_nifti(
+            volume.to_input_grid(result.probabilities).astype(np.float32),
+            files["probability_file"],
+        )
+    rows.append(
+        {
+            "file": volume.source,
+            "tumor_probability": round(float(result.tumor_probabilities.max()), 6),
+            "tumor": bool(result.masks.any()),
+            "predicted_area_pixels": int(result.masks.sum()),
+            "mask_file": files["mask_file"],
+            "error": "",
+        }
+    )
+    patients.append(
+        _patient_row(
+            source.name, volume.source, result.masks, result.probabilities, volume.voxel_ml, **files
+        )
+    )
 
-    Returns:
-        ([N, H, W] bool masks at each slice's own size after the detection gate, H x W
-        the largest slice's, smaller ones padded with False; [N] slice tumour
-        probabilities).
-    """
-    probs, tumor_probs = [], []
-    for start in range(0, len(slices), batch_size):
-        chunk = np.stack([s[2] for s in slices[start : start + batch_size]])
-        padded, n = parallel.pad_batch({"image": chunk}, batch_size)
-        _, out = step(variables, parallel.split_for_devices(padded))
-        probs.append(np.asarray(out["mask"]).reshape(-1, *out["mask"].shape[2:])[:n])
-        tumor_probs.append(np.asarray(out["tumor"]).reshape(-1)[:n])
-    tumor_probs = np.concatenate(tumor_probs)
-    heights, widths = zip(*(s[1].shape[:2] for s in slices), strict=True)
-    masks = postprocess.masks_at_original_size(np.concatenate(probs), heights, widths)
-    masks &= (tumor_probs >= threshold)[:, None, None]  # called tumour-free: empty
-    return masks, tumor_probs
+
+def _write_csv(path, fields, rows):
+    with open(path + ".tmp", "w", newline="") as f:
+        writer = csv.DictWriter(f, fields)
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(path + ".tmp", path)
 
 
 def predict(config, workdir: str) -> list[dict]:
-    """Predicts every slice under `config.predict.input` into `workdir/predict/`.
+    """Predicts every input under `config.predict.input` into `workdir/predict/`.
 
     Returns:
         The predictions.csv rows.
     """
     if jax.process_index() == 0:  # before any prediction, not after them
         checkpointing.check_writable(workdir)
-    variables, meta = checkpointing.restore_model(config.checkpoint or workdir)
-    config = evaluate.checkpoint_config(config, meta)
-    threshold = meta.get("val_metrics", {}).get("detection_threshold", 0.5)
-    step = train.pmapped_predict_step(models.create_model(config.model), config.eval.flip_tta)
+    predictor = inference.Predictor.from_checkpoint(config.checkpoint or workdir, config)
     root = config.predict.input
-    paths = find_inputs(root)
-    base = root if os.path.isdir(root) else os.path.dirname(root)
+    inputs = find_inputs(root)
     out_dir = os.path.join(workdir, "predict")
     if jax.process_index() == 0:
         evaluate.keep_earlier(out_dir, CSV_NAME)
     if jax.process_count() > 1:  # every process writes the same files: none before the move
         multihost_utils.sync_global_devices("resunet_jax earlier predictions kept")
     os.makedirs(out_dir, exist_ok=True)
-    rows, batch_size = [], -(-config.eval.batch_size // jax.local_device_count())
-    batch_size *= jax.local_device_count()
-    postprocess.check_method(config.eval.postprocess)
-    largest_component = config.eval.postprocess == "largest_component"
-    if config.data.normalization == "volume" or config.data.context_slices or largest_component:
-        # Statistics, neighbouring slices and 3D components are per folder (one
-        # patient's volume): its slices are read and predicted together.
-        folders = {}
-        for path in paths:
-            folders.setdefault(os.path.dirname(path), []).append(path)
-        groups = list(folders.values())
-    else:  # a batch at a time, so any number of slices fits in memory
-        groups = [paths[i : i + batch_size] for i in range(0, len(paths), batch_size)]
-    for group in groups:
-        slices = _read_slices(group, config, rows)
-        if not slices:
-            continue
-        masks, tumor_probs = _predict_masks(step, variables, slices, batch_size, threshold)
-        if largest_component:  # as evaluation does: after the detection gate
-            masks = postprocess.largest_component_3d(masks)
-        for (path, image, _), mask, prob in zip(slices, masks, tumor_probs, strict=True):
-            h, w = image.shape[:2]
-            rows.append(_write_prediction(path, image, mask[:h, :w], float(prob), base, out_dir))
-    csv_path = os.path.join(out_dir, CSV_NAME)
-    with open(csv_path + ".tmp", "w", newline="") as f:
-        writer = csv.DictWriter(f, CSV_FIELDS)
-        writer.writeheader()
-        writer.writerows(rows)
-    os.replace(csv_path + ".tmp", csv_path)
+    save_probabilities = config.predict.get("save_probabilities", False)
+    rows, patients = [], []
+    # A folder's slices are one patient's volume ("volume" statistics, neighbouring
+    # slices, 3D components and the patient's report): they are predicted together.
+    folders = {}
+    for path in inputs.slices:
+        folders.setdefault(os.path.dirname(path), []).append(path)
+    for folder, paths in folders.items():
+        _predict_folder(predictor, folder, paths, root, out_dir, save_probabilities, rows, patients)
+    for source in inputs.volumes:
+        _predict_volume(predictor, source, out_dir, save_probabilities, rows, patients)
+    _write_csv(os.path.join(out_dir, CSV_NAME), CSV_FIELDS, rows)
+    _write_csv(os.path.join(out_dir, PATIENTS_NAME), PATIENT_FIELDS, patients)
+    json_path = os.path.join(out_dir, PATIENTS_NAME.replace(".csv", ".json"))
+    with open(json_path + ".tmp", "w") as f:
+        json.dump(patients, f, indent=2)
+    os.replace(json_path + ".tmp", json_path)
     failed = sum(1 for r in rows if r["error"])
     logging.info(
-        "Predicted %d slices (%d with tumour, %d failed) into %s",
+        "Predicted %d inputs (%d with tumour, %d failed) of %d patients into %s",
         len(rows) - failed,
         sum(1 for r in rows if r["tumor"] is True),
         failed,
+        len(patients),
         out_dir,
     )
     if failed == len(rows):
-        raise lgg.DataError(f"{root}: none of the {len(rows)} .tif files could be used")
+        raise lgg.DataError(f"{root}: none of the {len(rows)} inputs could be used")
     return rows

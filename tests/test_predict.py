@@ -7,7 +7,7 @@ import pytest
 import tifffile
 
 from configs import tiny
-from resunet_jax import checkpointing, models, postprocess, predict, train
+from resunet_jax import checkpointing, inference, models, postprocess, predict, train
 from resunet_jax.data import lgg
 
 
@@ -89,8 +89,17 @@ def test_predict_handles_user_inputs_and_reports_bad_files(tmp_path, exported_mo
         assert os.path.exists(out / f"{name}_overlay.png") == row["tumor"]
     with open(tmp_path / "work" / "predict" / "predictions.csv") as f:
         assert len(list(csv.DictReader(f))) == 5
+    # The folder is one patient: its three readable slices, lesion in pixels.
+    with open(tmp_path / "work" / "predict" / "patients.csv") as f:
+        (patient,) = list(csv.DictReader(f))
+    assert patient["patient"] == "patient" and patient["num_slices"] == "3"
+    assert patient["lesion_volume_unit"] == "pixels"
+    assert int(patient["lesion_volume"]) == sum(
+        by_name[n]["predicted_area_pixels"] for n in ("gray_2.tif", "deep_10.tif", "odd_3.tif")
+    )
     # Predicting another input moves this output aside instead of mixing with it.
     config.predict.input = str(tmp_path / "in" / "patient" / "gray_2.tif")
+    config.predict.save_probabilities = True
     predict.predict(config, str(tmp_path / "work"))
     (kept,) = [p for p in (tmp_path / "work").iterdir() if p.name.startswith("predict_")]
     with open(kept / "predictions.csv") as f:
@@ -99,8 +108,15 @@ def test_predict_handles_user_inputs_and_reports_bad_files(tmp_path, exported_mo
     assert sorted(os.listdir(tmp_path / "work" / "predict")) == [
         *overlay,
         "gray_2_pred_mask.tif",
+        "gray_2_pred_prob.tif",
+        "patients.csv",
+        "patients.json",
         "predictions.csv",
     ]
+    probs = tifffile.imread(tmp_path / "work" / "predict" / "gray_2_pred_prob.tif")
+    assert probs.shape == (32, 32) and probs.dtype == np.float32
+    mask = tifffile.imread(tmp_path / "work" / "predict" / "gray_2_pred_mask.tif") > 0
+    assert (mask <= (probs >= 0.5)).all()  # the mask is the gated probability map
 
 
 def test_inputs_are_found_through_links_and_a_link_cycle_ends(tmp_path):
@@ -108,7 +124,7 @@ def test_inputs_are_found_through_links_and_a_link_cycle_ends(tmp_path):
     (tmp_path / "in").mkdir()
     os.symlink(tmp_path / "store" / "patient", tmp_path / "in" / "linked")
     os.symlink(tmp_path / "in", tmp_path / "in" / "linked_again")  # a cycle
-    found = predict.find_inputs(str(tmp_path / "in"))
+    found = predict.find_inputs(str(tmp_path / "in")).slices
     names = [os.path.relpath(f, tmp_path / "in") for f in found]
     assert names == [
         "linked/broken_4.tif",
@@ -138,7 +154,7 @@ def test_load_slice_names_the_file_and_the_problem(tmp_path):
     tifffile.imwrite(tmp_path / "two.tif", np.zeros((16, 16, 2), np.uint8))
     tifffile.imwrite(tmp_path / "stack.tif", np.zeros((4, 16, 16, 3), np.uint8))
     for name, problem in (
-        ("nan.tif", "1 non-finite pixels (NaN or inf)"),
+        ("nan.tif", "1 non-finite values (NaN or inf)"),
         ("two.tif", "not a 2-D slice (shape (16, 16, 2);"),
         ("stack.tif", "not a 2-D slice (shape (4, 16, 16, 3);"),
     ):
@@ -151,7 +167,10 @@ def test_predict_errors_on_empty_or_missing_input(tmp_path, exported_model):
     config = tiny.get_config()
     config.checkpoint = exported_model
     (tmp_path / "empty").mkdir()
-    for path, message in ((tmp_path / "empty", "no .tif slices"), (tmp_path / "nope", "no such")):
+    for path, message in (
+        (tmp_path / "empty", "no .tif slices, NIfTI"),
+        (tmp_path / "nope", "no such"),
+    ):
         config.predict.input = str(path)
         with pytest.raises(lgg.DataError, match=message):
             predict.predict(config, str(tmp_path / "work"))
@@ -229,14 +248,11 @@ def test_largest_component_post_processing_applies_per_folder_as_in_evaluation(
 ):
     # A stand-in model whose pixel probability is the input's first channel, so each
     # slice's prediction is the bright squares drawn into it.
-    def step_factory(model, flip_tta):
-        def step(variables, images):
-            probs = images["image"][..., 0]
-            return None, {"mask": probs, "tumor": probs.max(axis=(-2, -1))}
+    def probabilities(self, inputs):
+        probs = inputs[..., 0]
+        return probs, probs.max(axis=(-2, -1))
 
-        return step
-
-    monkeypatch.setattr(train, "pmapped_predict_step", step_factory)
+    monkeypatch.setattr(inference.Predictor, "_probabilities", probabilities)
     folder = tmp_path / "in" / "patient"
     os.makedirs(folder)
     for i in range(1, 5):

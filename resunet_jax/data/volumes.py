@@ -1,0 +1,403 @@
+"""NIfTI volumes and DICOM series in, NIfTI masks and probability maps out.
+
+Inputs (found by `predict.find_inputs`):
+- a NIfTI file (`.nii`, `.nii.gz`) holds one 3-D volume of one sequence;
+- a DICOM series is a folder holding the files (`.dcm`, or any file with the DICOM
+  preamble) of exactly one series; other files in it are ignored.
+
+Naming convention for several sequences of one patient: the NIfTI files and DICOM series
+folders side by side in one folder are one patient when one of them is a FLAIR. A
+source's role is read from its name, split at every character that is not a letter or a
+digit (case-insensitive), first match wins:
+- FLAIR: a part `flair` or `t2f` (`P1_flair.nii.gz`, BraTS 2023 `*-t2f.nii.gz`);
+- post-contrast: `post`, `t1c`, `t1ce`, `t1gd` (`P1_t1ce.nii.gz`, `P1_T1_post/`);
+- pre-contrast: `pre`, `t1`, `t1n` (`P1_t1.nii.gz`, BraTS 2023 `*-t1n.nii.gz`).
+Other sources in such a folder (T2, segmentations) are skipped. Anywhere else, each
+source is a FLAIR-only patient. Names with a part `mask`, `seg` or `label` are ground
+truth and skipped, as `*_mask.tif` slices are. A missing pre- or post-contrast is filled
+with the FLAIR, as the LGG data fill a sequence that was not acquired (the shipped model
+then routes the slices to its network for scans without contrast).
+
+Orientation: every volume is brought to RAS+ axes by axis permutations and flips only
+(`nibabel.orientations`, the closest canonical orientation: no resampling, an oblique
+scan keeps its tilt), then cut into axial slices laid out as the Kaggle .tif slices are:
+rows anterior to posterior, slices inferior to superior (slice 1 is the lowest), as the
+images show, and columns patient right to left (the radiological convention of DICOM
+axial images: the .tif files carry no orientation and left and right cannot be told from
+the images; the model trains with left-right flips). `slices_to_volume` writes a stack of
+Kaggle slices with that convention, and reading it back gives the stack exactly.
+Predictions go back to the input's own axes and are written with its affine and header,
+so they overlay the input in any viewer. The in-plane grid is resized to the model's
+input as any .tif slice is (the LGG slices are 256 x 256 whole-head axial slices).
+
+Intensities: the Kaggle slices are 8-bit per volume: each sequence's volume runs from 0
+to a maximum of 191..255, with at most 2 voxels in a million at it and the 99.5th
+percentile at 42..206 (the 82 patients of shared/): min..max scaling, not clipping at a
+percentile. So an 8-bit (uint8) volume is taken as it is, like a uint8 .tif slice, and
+any other volume is mapped linearly from its minimum..maximum to 0..255 per volume and
+sequence (`to_uint8`), which makes the result independent of the scanner's linear
+scaling.
+"""
+
+import dataclasses
+import os
+import re
+
+import nibabel as nib
+import numpy as np
+from nibabel import orientations
+
+from resunet_jax.data import lgg
+
+# Channel order of a model input slice, as in the LGG .tif files.
+SEQUENCES = ("pre", "flair", "post")
+# Name parts that give a source's role, tried in this order (see the module docstring).
+_ROLES = (
+    ("flair", {"flair", "t2f"}),
+    ("post", {"post", "t1c", "t1ce", "t1gd"}),
+    ("pre", {"pre", "t1", "t1n"}),
+)
+_GROUND_TRUTH = {"mask", "seg", "label", "labels"}
+_NIFTI = (".nii", ".nii.gz")
+# Axis codes of the canonical orientation (nibabel's RAS+).
+_CANONICAL = orientations.axcodes2ornt("RAS")
+
+
+@dataclasses.dataclass(frozen=True)
+class VolumeInput:
+    """One patient's volume sources.
+
+    Attributes:
+        name: the patient's output name (its path below the input root, no extension).
+        sequences: role ("flair", "pre", "post") -> NIfTI file or DICOM series folder;
+            always with "flair".
+        problem: why the sources cannot make a volume ("" if they can); `read_volume`
+            raises it, so the run's other patients are still predicted.
+    """
+
+    name: str
+    sequences: dict
+    problem: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class Volume:
+    """A patient's volume as axial model slices, and how to map results back.
+
+    Attributes:
+        source: the FLAIR's file or folder (named in messages and reports).
+        images: [Z, H, W, 3] uint8 axial slices (pre-contrast, FLAIR, post-contrast) in
+            the Kaggle layout (see the module docstring).
+        affine: [4, 4] voxel-to-RAS-mm affine of the input grid (the FLAIR's).
+        header: the FLAIR's NIfTI header, None for DICOM.
+        shape: the input grid's shape (X, Y, Z as stored).
+        voxel_ml: one voxel's volume in mL, None when the unit is unknown.
+    """
+
+    source: str
+    images: np.ndarray
+    affine: np.ndarray
+    header: object
+    shape: tuple
+    voxel_ml: float | None
+
+    def to_input_grid(self, slices: np.ndarray) -> np.ndarray:
+        """[Z, H, W] per-slice results (as `images`) -> the input's array layout."""
+        canonical = np.asarray(slices)[:, ::-1, ::-1].transpose(2, 1, 0)
+        back = orientations.ornt_transform(_CANONICAL, orientations.io_orientation(self.affine))
+        return orientations.apply_orientation(canonical, back)
+
+    def write_nifti(self, volume: np.ndarray, path: str):
+        """Writes `volume` (input layout, `to_input_grid`) as NIfTI with the input's
+        affine and header (data type and scaling set for `volume`)."""
+        if self.header is not None:
+            image = nib.Nifti1Image(volume, self.affine, self.header.copy())
+        else:  # from DICOM: the scanner's coordinates, in mm
+            image = nib.Nifti1Image(volume, None)
+            image.set_sform(self.affine, code="scanner")
+            image.set_qform(self.affine, code="scanner")
+            image.header.set_xyzt_units("mm")
+        image.set_data_dtype(volume.dtype)
+        image.header.set_slope_inter(1.0, 0.0)
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        nib.save(image, path)
+
+
+def is_ground_truth(path: str) -> bool:
+    """Whether a file's name marks it as a mask (`*_mask.tif`, `*_seg.nii.gz`, ...)."""
+    return bool(_name_parts(path) & _GROUND_TRUTH)
+
+
+def is_nifti(path: str) -> bool:
+    return path.lower().endswith(_NIFTI)
+
+
+def is_dicom(path: str) -> bool:
+    """A `.dcm` file, or a file with the DICOM preamble ("DICM" at byte 128)."""
+    if path.lower().endswith(".dcm"):
+        return True
+    try:
+        with open(path, "rb") as f:
+            return f.read(132)[128:] == b"DICM"
+    except OSError:
+        return False
+
+
+def _name_parts(path: str) -> set:
+    name = os.path.basename(os.path.normpath(path)).lower()
+    for ext in _NIFTI:
+        name = name.removesuffix(ext)
+    return set(re.split(r"[^a-z0-9]+", name))
+
+
+def role_of(path: str) -> str | None:
+    """A source's sequence ("flair", "post", "pre") by its name, or None."""
+    parts = _name_parts(path)
+    return next((role for role, names in _ROLES if parts & names), None)
+
+
+def output_name(path: str, root: str) -> str:
+    """A patient's output name: `path` below the input root without its NIfTI extension
+    (the root's own name when `path` is the root folder)."""
+    base = root if os.path.isdir(root) else os.path.dirname(root)
+    rel = os.path.relpath(path, base)
+    rel = os.path.basename(os.path.abspath(root)) if rel == "." else rel
+    for ext in _NIFTI:
+        if rel.lower().endswith(ext):
+            return rel[: -len(ext)]
+    return rel
+
+
+def group_sources(sources: list[str], root: str) -> list[VolumeInput]:
+    """Groups NIfTI files and DICOM series folders into patients (module docstring).
+
+    Args:
+        sources: the NIfTI files and DICOM series folders found under `root`.
+        root: the input root (a folder, or a file whose folder is the root).
+
+    Returns:
+        One VolumeInput per patient, sorted by name.
+    """
+    by_parent = {}
+    for source in sources:
+        if not is_ground_truth(source):
+            by_parent.setdefault(os.path.dirname(os.path.normpath(source)), []).append(source)
+    patients = []
+    for parent, members in by_parent.items():
+        if not any(role_of(m) == "flair" for m in members):
+            patients += [VolumeInput(output_name(m, root), {"flair": m}) for m in members]
+            continue
+        roles, problem = {}, ""
+        for member in sorted(members):
+            role = role_of(member)
+            if role in roles:
+                problem = f"{member}: a second {role} volume in its folder (and {roles[role]})"
+            elif role:
+                roles[role] = member
+        patients.append(VolumeInput(output_name(parent, root), roles, problem))
+    return sorted(patients, key=lambda p: p.name)
+
+
+def to_uint8(image: np.ndarray, path: str) -> np.ndarray:
+    """uint8 as it is; any other integer or float array mapped from its min..max to 0..255.
+
+    Raises:
+        lgg.DataError: an unsupported pixel type or non-finite values (naming `path`).
+    """
+    if image.dtype == np.uint8:
+        return image
+    if not (np.issubdtype(image.dtype, np.integer) or np.issubdtype(image.dtype, np.floating)):
+        raise lgg.DataError(f"{path}: unsupported pixel type {image.dtype}")
+    image = image.astype(np.float64)
+    # A NaN would cast to an arbitrary uint8 value and an inf spoil the range, so both
+    # are errors rather than silently wrong inputs.
+    bad = int((~np.isfinite(image)).sum())
+    if bad:
+        raise lgg.DataError(f"{path}: {bad} non-finite values (NaN or inf)")
+    lo, hi = image.min(), image.max()
+    return np.round((image - lo) * (255.0 / (hi - lo) if hi > lo else 0.0)).astype(np.uint8)
+
+
+def _read_nifti(path: str):
+    """(data [X, Y, Z] as stored, scaled by the header's slope; affine; header)."""
+    try:
+        image = nib.load(path)
+        data = np.asanyarray(image.dataobj)
+    except Exception as e:  # nibabel raises many types for damaged or foreign files
+        raise lgg.DataError(f"{path}: not a readable NIfTI file ({type(e).__name__}: {e})") from e
+    return data, image.affine, image.header
+
+
+def _read_dicom(folder: str):
+    """(data [columns, rows, slices] in slice order; RAS affine; None) of the folder's
+    one DICOM series.
+
+    Raises:
+        lgg.DataError: unreadable files, no image, several series, multi-frame images,
+            slices of different size or orientation, or uneven slice positions.
+    """
+    import pydicom  # only for DICOM input
+
+    images, others = [], 0
+    for name in sorted(os.listdir(folder)):
+        path = os.path.join(folder, name)
+        if not os.path.isfile(path) or not is_dicom(path):
+            continue
+        try:
+            ds = pydicom.dcmread(path)
+        except Exception as e:  # pydicom raises many types for damaged files
+            raise lgg.DataError(f"{path}: unreadable DICOM ({type(e).__name__}: {e})") from e
+        if "PixelData" in ds:
+            images.append((path, ds))
+        else:
+            others += 1
+    if not images:
+        raise lgg.DataError(f"{folder}: no DICOM image in this folder ({others} other DICOM files)")
+    series = {}
+    for _, ds in images:
+        series.setdefault(ds.get("SeriesInstanceUID", ""), []).append(ds)
+    if len(series) > 1:
+        described = ", ".join(
+            f"{s[0].get('SeriesDescription', '?')!r} ({len(s)} files)"
+            for s in sorted(series.values(), key=len, reverse=True)
+        )
+        raise lgg.DataError(
+            f"{folder}: {len(series)} DICOM series in one folder ({described}); "
+            "put each series in a folder of its own"
+        )
+    first_path, first = images[0]
+    if int(first.get("NumberOfFrames", 1)) > 1:
+        raise lgg.DataError(
+            f"{first_path}: a multi-frame DICOM image; convert the series to NIfTI "
+            "(dcm2niix) and predict on that"
+        )
+    if len(images) < 2:
+        raise lgg.DataError(f"{first_path}: a single DICOM slice (2-D); expected a volume")
+
+    def geometry(path, ds):
+        try:
+            iop = np.asarray(ds.ImageOrientationPatient, np.float64)
+            return iop, np.asarray(ds.ImagePositionPatient, np.float64), ds.PixelSpacing
+        except AttributeError as e:
+            raise lgg.DataError(f"{path}: DICOM image without its geometry ({e})") from e
+
+    iop, _, spacing = geometry(*images[0])
+    normal = np.cross(iop[:3], iop[3:])
+    positions, pixels = [], []
+    for path, ds in images:
+        this_iop, position, this_spacing = geometry(path, ds)
+        if (
+            not np.allclose(this_iop, iop, atol=1e-4)
+            or (ds.Rows, ds.Columns) != (first.Rows, first.Columns)
+            or not np.allclose(np.asarray(this_spacing, float), np.asarray(spacing, float))
+        ):
+            raise lgg.DataError(
+                f"{path}: slice size, orientation or pixel spacing differs from {first_path}"
+            )
+        try:
+            array = ds.pixel_array
+        except Exception as e:
+            raise lgg.DataError(
+                f"{path}: DICOM pixel data not decodable ({type(e).__name__}: {e})"
+            ) from e
+        slope, intercept = float(ds.get("RescaleSlope", 1)), float(ds.get("RescaleIntercept", 0))
+        if (slope, intercept) != (1.0, 0.0):
+            array = array * slope + intercept
+        positions.append(position)
+        pixels.append(array)
+    order = np.argsort([p @ normal for p in positions], kind="stable")
+    positions = np.asarray(positions)[order]
+    gaps = np.diff(positions @ normal)
+    if gaps.min() <= 1e-3 or gaps.max() > 1.1 * gaps.min():
+        raise lgg.DataError(
+            f"{folder}: DICOM slice positions are repeated or unevenly spaced "
+            f"({gaps.min():.3f}..{gaps.max():.3f} mm apart)"
+        )
+    data = np.stack([pixels[i] for i in order]).transpose(2, 1, 0)  # [columns, rows, slices]
+    row_spacing, column_spacing = (float(s) for s in spacing)
+    lps = np.eye(4)
+    lps[:3, 0] = iop[:3] * column_spacing  # along a row: the column index grows
+    lps[:3, 1] = iop[3:] * row_spacing
+    lps[:3, 2] = (positions[-1] - positions[0]) / (len(positions) - 1)
+    lps[:3, 3] = positions[0]
+    return data, np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps, None  # DICOM's LPS -> RAS
+
+
+def _read_source(path: str):
+    data, affine, header = _read_dicom(path) if os.path.isdir(path) else _read_nifti(path)
+    if data.ndim == 4 and data.shape[3] == 1:  # a 3-D volume stored with a unit 4th axis
+        data = data[..., 0]
+    if data.ndim != 3 or min(data.shape) < 2:
+        raise lgg.DataError(
+            f"{path}: a {data.ndim}-D image of shape {data.shape}; expected one 3-D volume "
+            "per sequence (split 4-D series; a single slice is not a volume)"
+        )
+    return data, affine, header
+
+
+def _voxel_ml(affine, header) -> float | None:
+    """One voxel's volume in mL; None when the header says the unit is not mm or m."""
+    unit = header.get_xyzt_units()[0] if header is not None else "mm"
+    # NIfTI's "unknown" is read as mm, as every viewer does.
+    per_mm3 = {"mm": 1e-3, "unknown": 1e-3, "meter": 1e6, "micron": 1e-12}.get(unit)
+    return None if per_mm3 is None else float(abs(np.linalg.det(affine[:3, :3]))) * per_mm3
+
+
+def _axial_slices(data: np.ndarray, affine) -> np.ndarray:
+    """[X, Y, Z] volume (any axis order) -> [Z, H, W] axial slices in the Kaggle layout."""
+    to_canonical = orientations.ornt_transform(orientations.io_orientation(affine), _CANONICAL)
+    canonical = orientations.apply_orientation(data, to_canonical)  # RAS+
+    # Rows anterior first, columns patient right first, slices inferior first.
+    return canonical.transpose(2, 1, 0)[:, ::-1, ::-1]
+
+
+def read_volume(source: VolumeInput) -> Volume:
+    """Reads a patient's sequences, checks that they share one grid, and makes the
+    [Z, H, W, 3] uint8 model slices (missing sequences filled with the FLAIR).
+
+    Raises:
+        lgg.DataError: naming the file and the problem.
+    """
+    if source.problem:
+        raise lgg.DataError(source.problem)
+    flair_path = source.sequences["flair"]
+    flair, affine, header = _read_source(flair_path)
+    channels = {}
+    for role in SEQUENCES:
+        path = source.sequences.get(role)
+        if path is None:
+            continue
+        data, this_affine = (flair, affine) if role == "flair" else _read_source(path)[:2]
+        if data.shape != flair.shape or not np.allclose(this_affine, affine, atol=1e-3):
+            raise lgg.DataError(
+                f"{path}: its grid (shape {data.shape}, affine "
+                f"{np.round(this_affine, 3).tolist()}) differs from the FLAIR's {flair_path} "
+                f"(shape {flair.shape}, affine {np.round(affine, 3).tolist()}); "
+                "resample the sequences to one grid"
+            )
+        channels[role] = _axial_slices(to_uint8(data, path), affine)
+    images = np.stack([channels.get(role, channels["flair"]) for role in SEQUENCES], axis=-1)
+    return Volume(
+        source=flair_path,
+        images=np.ascontiguousarray(images),
+        affine=np.asarray(affine, np.float64),
+        header=header,
+        shape=flair.shape,
+        voxel_ml=_voxel_ml(affine, header),
+    )
+
+
+def slices_to_volume(stack: np.ndarray, spacing=(1.0, 1.0, 1.0)) -> tuple[np.ndarray, np.ndarray]:
+    """A stack of Kaggle-layout slices as a volume with its affine (the inverse of reading).
+
+    Args:
+        stack: [Z, H, W] slices in slice order (rows anterior first, columns patient
+            right first, slice 1 the lowest).
+        spacing: (column, row, slice) spacing in mm.
+
+    Returns:
+        (data [W, H, Z], the same values; affine [4, 4] voxel to RAS mm, axes L, P, S as
+        DICOM's standard axial series), ready for `nibabel.Nifti1Image(data, affine)`.
+    """
+    affine = np.diag([-spacing[0], -spacing[1], spacing[2], 1.0])
+    return np.asarray(stack).transpose(2, 1, 0), affine
