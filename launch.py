@@ -12,8 +12,7 @@ from absl import app, flags, logging
 from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
-from resunet_jax import checkpointing, evaluate, predict, train
-from resunet_jax.data import lgg
+from resunet_jax import errors, evaluate, predict, train
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config file (ml_collections).")
@@ -26,14 +25,6 @@ flags.DEFINE_enum(
     "or predict (--config.predict.input=PATH -> WORKDIR/predict/).",
 )
 flags.mark_flags_as_required(["config", "workdir"])
-
-USER_ERRORS = (
-    lgg.DataError,
-    checkpointing.CheckpointError,
-    FloatingPointError,
-    FileNotFoundError,
-    ValueError,
-)
 
 
 class _QuietOrbax(pylogging.Filter):
@@ -65,9 +56,9 @@ def main(argv):
     }[FLAGS.mode]
     try:
         run(config, FLAGS.workdir)
-    except USER_ERRORS as e:
+    except errors.UserError as e:
         # Bad data, checkpoints or settings: one clear message, no traceback (see it
-        # with --verbosity=1).
+        # with --verbosity=1). Any other exception is a bug and keeps its traceback.
         logging.debug("Traceback", exc_info=True)
         logging.error("%s", e)
         sys.exit(1)

@@ -25,6 +25,8 @@ from etils import epath
 from flax import traverse_util
 from jax.experimental import multihost_utils
 
+from resunet_jax.errors import CheckpointError  # also importable from here
+
 LATEST_DIR = "checkpoints"
 BEST_DIR = "checkpoints_best"
 LOCK_FILE = "train.lock"
@@ -151,10 +153,6 @@ class Checkpointer:
     def close(self):
         self.latest.close()
         self.best.close()
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be used; the message says which and why."""
 
 
 @contextlib.contextmanager
@@ -349,7 +347,7 @@ def _candidates(path: str) -> list[tuple[str, int]]:
     """
     path = os.path.abspath(path)
     if not os.path.isdir(path):
-        raise FileNotFoundError(f"{path}: no such checkpoint or workdir")
+        raise CheckpointError(f"{path}: no such checkpoint or workdir")
     if os.path.isdir(os.path.join(path, "meta")) and os.path.basename(path).isdigit():
         return [(os.path.dirname(path), int(os.path.basename(path)))]
     if os.path.isdir(os.path.join(path, LATEST_DIR)) or os.path.isdir(os.path.join(path, BEST_DIR)):
@@ -374,7 +372,7 @@ def restore_model(path: str) -> tuple[dict, dict]:
         ({"params", "batch_stats"} as arrays, meta dict with "step" and "config").
 
     Raises:
-        FileNotFoundError: nothing restorable at `path`.
+        CheckpointError: nothing restorable at `path`.
     """
     for directory, step in _candidates(path):
         manager = _manager(directory, create=False)
@@ -392,7 +390,7 @@ def restore_model(path: str) -> tuple[dict, dict]:
             manager.close()
         logging.info("Restored model from %s step %d", directory, step)
         return dict(restored["model"]), dict(restored["meta"])
-    raise FileNotFoundError(f"{path}: no readable checkpoint found")
+    raise CheckpointError(f"{path}: no readable checkpoint found")
 
 
 def config_json(config) -> dict:

@@ -18,6 +18,7 @@ from absl import logging
 
 from resunet_jax import (
     checkpointing,
+    errors,
     input_pipeline,
     metrics,
     models,
@@ -108,7 +109,7 @@ class Evaluator:
             columns["patient_id"].append(batch["patient_id"])
             columns["slice_index"].append(batch["slice_index"])
         if not columns:
-            raise ValueError("evaluation split is empty")
+            raise errors.DataError("no slice to evaluate: the evaluation split is empty")
         # Batches of different slice sizes: pad every mask to the largest.
         h = max(m.shape[1] for m in columns["pred_mask"])
         w = max(m.shape[2] for m in columns["pred_mask"])
@@ -291,7 +292,7 @@ def patients_to_evaluate(source: sources.Source, train_patients) -> tuple[list, 
         when unknown).
 
     Raises:
-        ValueError: `eval.split=val` and the checkpoint trained on every patient of
+        errors.DataError: `eval.split=val` and the checkpoint trained on every patient of
             `data.dir`, so no figure would measure anything but fitting.
     """
     if train_patients is None:
@@ -302,7 +303,7 @@ def patients_to_evaluate(source: sources.Source, train_patients) -> tuple[list, 
     else:
         ids = sorted(set(source.patient_ids) - trained)
         if not ids:
-            raise ValueError(
+            raise errors.DataError(
                 f"{source.data_dir}: the checkpoint was trained on every patient in this "
                 "folder, so there is none left to validate on; --config.eval.split=all scores "
                 "them anyway (a measure of fit, not of generalisation)"

@@ -19,7 +19,7 @@ import optax
 from absl import logging
 from flax.training import train_state
 
-from resunet_jax import checkpointing, losses, metrics, models, parallel
+from resunet_jax import checkpointing, errors, losses, metrics, models, parallel
 
 
 class TrainState(train_state.TrainState):
@@ -265,7 +265,7 @@ def check_patients_left_to_validate(source, train_patients: list) -> None:
     (evaluate.patients_to_evaluate) would refuse only after the whole run.
 
     Raises:
-        ValueError: eval.split=val and every patient of `data.dir` is in `train_patients`.
+        errors.DataError: eval.split=val and every patient of `data.dir` is in `train_patients`.
     """
     from resunet_jax import evaluate  # imports this module
 
@@ -447,7 +447,7 @@ def _train_loop(
             summary = _mean_metrics(history)
             history = []
             if not np.isfinite(summary["loss"]):
-                raise FloatingPointError(
+                raise errors.TrainingDivergedError(
                     f"non-finite training loss {summary['loss']} at step {step}; the last "
                     "good checkpoint is kept (lower optimizer.learning_rate?)"
                 )

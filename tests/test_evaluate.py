@@ -67,7 +67,7 @@ def test_evaluation_scores_only_patients_the_checkpoint_never_saw():
     source = _source(bigger, "val", "big")
     assert evaluate.patients_to_evaluate(source, None) == (source.val_ids, None)
     # Trained on every patient of the folder: one error naming it, nothing scored.
-    with pytest.raises(ValueError, match="shared: the checkpoint was trained on every patient"):
+    with pytest.raises(lgg.DataError, match="shared: the checkpoint was trained on every patient"):
         evaluate.patients_to_evaluate(_source(shared, "val", "shared"), shared)
 
 

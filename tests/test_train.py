@@ -12,7 +12,7 @@ import pytest
 
 from configs import tiny
 from resunet_jax import checkpointing, losses, models, parallel, train
-from resunet_jax.data import sources
+from resunet_jax.data import lgg, sources
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -207,7 +207,7 @@ def test_fine_tuning_that_leaves_no_patient_to_validate_fails_before_training():
     ids = ["P1", "P2", "P3", "P4"]
     source = sources.Source(config, "/data/lgg", None, ids, ids[:3], ids[3:], ids[3:], False)
     train.check_patients_left_to_validate(source, ["P1", "P2", "P3"])  # P4 never seen
-    with pytest.raises(ValueError, match="/data/lgg: .* none left to validate on"):
+    with pytest.raises(lgg.DataError, match="/data/lgg: .* none left to validate on"):
         train.check_patients_left_to_validate(source, ids)
     config.eval.split = "all"  # a measure of fit, asked for
     train.check_patients_left_to_validate(source, ids)

@@ -16,11 +16,9 @@ import numpy as np
 import tensorflow_datasets as tfds
 import tifffile
 
+from resunet_jax.errors import DataError  # also importable from here
+
 _SLICE_FILE = re.compile(r"^(?P<stem>.+)_(?P<index>\d+)(?P<mask>_mask)?\.tiff?$", re.IGNORECASE)
-
-
-class DataError(ValueError):
-    """A data folder or file that cannot be used; the message names it and the problem."""
 
 
 @dataclasses.dataclass(frozen=True)
