@@ -12,7 +12,7 @@ from absl import app, flags, logging
 from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
-from resunet_jax import errors, evaluate, predict, train
+from resunet_jax import config_checks, errors, evaluate, predict, train
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config file (ml_collections).")
@@ -20,7 +20,7 @@ flags.DEFINE_string("workdir", None, "Run directory: checkpoints, logs, reports.
 flags.DEFINE_enum(
     "mode",
     "train",
-    ["train", "eval", "predict"],
+    list(config_checks.MODES),
     "train (resumes by itself), eval (restores the best checkpoint, writes WORKDIR/eval/) "
     "or predict (--config.predict.input=PATH -> WORKDIR/predict/).",
 )
@@ -55,6 +55,8 @@ def main(argv):
         "predict": predict.predict,
     }[FLAGS.mode]
     try:
+        # Before anything is written: a bad value costs one line, not a run.
+        config_checks.validate(config, FLAGS.mode)
         run(config, FLAGS.workdir)
     except errors.UserError as e:
         # Bad data, checkpoints or settings: one clear message, no traceback (see it

@@ -76,7 +76,6 @@ class Evaluator:
         self.batch_size = -(-config.eval.batch_size // devices) * devices
         model = models.create_model(config.model)
         self.step = train.pmapped_predict_step(model, config.eval.flip_tta)
-        postprocess.check_method(config.eval.postprocess)
         self.postprocess = config.eval.postprocess
         self.dataset = input_pipeline.create_eval_dataset(
             source.builder, patient_ids, config, self.batch_size

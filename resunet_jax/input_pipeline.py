@@ -57,6 +57,9 @@ def resize_example(example, image_size: int, coverage: bool = False):
     return out
 
 
+NORMALIZATIONS = ("scale", "slice", "volume")  # config.data.normalization
+
+
 def normalize(image, method: str = "scale", stats=None):
     """uint8 (or float in [0, 255]) [..., H, W, 3n] → float32 model input.
 
@@ -83,7 +86,7 @@ def normalize(image, method: str = "scale", stats=None):
         # Context slices (`add_context`) repeat the three channels: so do their stats.
         stats = tf.concat([stats] * (image.shape[-1] // 3), axis=-1)
         return (image - stats[..., 0:1, None, :]) / stats[..., 1:2, None, :]
-    raise ValueError(f"unknown data.normalization {method!r}; use 'scale', 'slice' or 'volume'")
+    raise ValueError(f"unknown normalization {method!r}; use one of {NORMALIZATIONS}")
 
 
 def slice_moments(image):
@@ -639,8 +642,6 @@ def create_train_dataset(
     # after the shard, on this process's elements only.
     ds = ds.shard(jax.process_count(), jax.process_index())
     size, crop, aug = config.data.image_size, config.data.crop_size, config.augment
-    if crop is not None and not 0 < crop <= size:
-        raise ValueError(f"data.crop_size must be in 1..data.image_size ({size}), got {crop}")
     ds = ds.map(lambda ex, s: (ex, augment_params(s, size, aug, crop)), tf.data.AUTOTUNE)
     ds = ds.batch(per_process_batch, drop_remainder=True)
     # Whole batches are resampled and normalised at once: one kernel call per batch
@@ -682,10 +683,6 @@ def create_eval_dataset(builder, patient_ids, config, batch_size: int) -> tf.dat
         ds = _add_volume_stats(ds, patient_ids)
     ds = add_context(ds.map(lambda ex: dict(ex, display=ex["image"])), config.data.context_slices)
     missing = config.eval.get("missing_sequences", "")
-    if missing not in MISSING_SEQUENCES:
-        raise ValueError(
-            f"unknown eval.missing_sequences {missing!r}; use one of {sorted(MISSING_SEQUENCES)}"
-        )
     if missing:
         ds = ds.map(lambda ex: _drop_example_sequences(ex, MISSING_SEQUENCES[missing]))
     ds = ds.map(

@@ -216,7 +216,6 @@ def predict(config, workdir: str) -> list[dict]:
     os.makedirs(out_dir, exist_ok=True)
     rows, batch_size = [], -(-config.eval.batch_size // jax.local_device_count())
     batch_size *= jax.local_device_count()
-    postprocess.check_method(config.eval.postprocess)
     largest_component = config.eval.postprocess == "largest_component"
     if config.data.normalization == "volume" or config.data.context_slices or largest_component:
         # Statistics, neighbouring slices and 3D components are per folder (one

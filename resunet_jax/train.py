@@ -37,6 +37,10 @@ class TrainState(train_state.TrainState):
     ema: Any
 
 
+OPTIMIZERS = ("adam", "adamw", "sgd")  # config.optimizer.name
+SCHEDULES = ("cosine", "constant")  # config.optimizer.schedule
+
+
 def create_learning_rate_fn(config: ml_collections.ConfigDict) -> optax.Schedule:
     """Linear warm-up to `optimizer.learning_rate`, then cosine decay or constant."""
     opt = config.optimizer
@@ -305,7 +309,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Trains with periodic validation and checkpoints, then writes the final evaluation.
 
     Resumes from the newest checkpoint in `workdir`. The final evaluation restores the
-    best checkpoint exactly as `--mode=eval` does and writes `workdir/eval/`.
+    best checkpoint exactly as `--mode=eval` does and writes `workdir/eval/`. `config`
+    is one that `config_checks.validate(config, "train")` accepts (launch.py checks it).
 
     Returns:
         The final evaluation's metrics (the content of eval/metrics.json); None when
@@ -319,12 +324,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     # functions above stay TF-free (benchmarks/train_on_device.py runs them without TF).
     from resunet_jax.data import sources
 
-    if config.model.get("no_contrast_expert", False):
-        raise ValueError(
-            "model.no_contrast_expert is for evaluation and prediction: train the model for "
-            "complete scans and the one for scans without the pre-contrast on their own and "
-            "join them with checkpointing.join_no_contrast_expert"
-        )
     source = sources.open_source(config, workdir)
     with checkpointing.workdir_lock(workdir):
         return _train_and_evaluate(source.config, workdir, source)
@@ -366,8 +365,6 @@ def _train_and_evaluate(config, workdir, source):
     start_step = int(state.step)
 
     global_batch = config.batch_size
-    if global_batch % jax.process_count():
-        raise ValueError(f"batch_size {global_batch} must divide over {jax.process_count()} hosts")
     train_ds = input_pipeline.create_train_dataset(
         source.builder,
         source.train_ids,

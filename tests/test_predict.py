@@ -7,7 +7,7 @@ import pytest
 import tifffile
 
 from configs import tiny
-from resunet_jax import checkpointing, models, postprocess, predict, train
+from resunet_jax import checkpointing, config_checks, errors, models, postprocess, predict, train
 from resunet_jax.data import lgg
 
 
@@ -261,9 +261,6 @@ def test_largest_component_post_processing_applies_per_folder_as_in_evaluation(
         masks["largest_component"], postprocess.largest_component_3d(masks["none"])
     )
     assert masks["largest_component"][:, 10, 10].all()
-    config.eval.postprocess = "biggest"
-    with pytest.raises(ValueError, match="eval.postprocess must be one of none, largest_component"):
-        predict.predict(config, str(tmp_path / "bad"))
 
 
 def test_joined_model_predicts_flair_only_slices_with_its_no_contrast_model(tmp_path):
@@ -307,5 +304,5 @@ def test_join_refuses_models_that_read_different_inputs_or_are_joined(tmp_path):
         checkpointing.join_no_contrast_expert(str(tmp_path / "joined"), complete)
     config = tiny.get_config()
     config.model.no_contrast_expert = True
-    with pytest.raises(ValueError, match="join_no_contrast_expert"):
-        train.train_and_evaluate(config, str(tmp_path / "work"))
+    with pytest.raises(errors.ConfigError, match="no_contrast_expert=True: .* join_no_contrast"):
+        config_checks.validate(config, "train")

@@ -142,7 +142,7 @@ def split_patients(ids: list[str], num_folds: int, fold: int, seed: int) -> tupl
         (train_ids, val_ids), each sorted.
     """
     if not 0 <= fold < num_folds:
-        raise ValueError(f"data.fold={fold} must be in [0, data.num_folds={num_folds})")
+        raise ValueError(f"fold={fold} must be in [0, num_folds={num_folds})")
     if len(ids) < num_folds:
         raise DataError(
             f"{len(ids)} patients are too few for data.num_folds={num_folds}: "

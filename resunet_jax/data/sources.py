@@ -93,8 +93,6 @@ def open_source(config: ml_collections.ConfigDict, workdir: str, split: bool = T
         multihost_utils.sync_global_devices("resunet_jax synthetic data written")
     else:
         data_dir = os.path.abspath(os.path.expanduser(config.data.dir))
-    if config.eval.split not in ("val", "all"):
-        raise ValueError(f"eval.split must be 'val' or 'all', got {config.eval.split!r}")
     slices = lgg.discover(data_dir)
     ids = lgg.patient_ids(slices)
     train_ids, val_ids = [], []
