@@ -434,10 +434,14 @@ def export(args):
     fold's patients, whose detection threshold (chosen on them) eval and predict use.
     """
     import jax
+    import tensorflow as tf
 
     from resunet_jax import checkpointing, evaluate
     from resunet_jax.data import sources
 
+    # As in launch.py: tf.data runs on the host, and TensorFlow must not take accelerator
+    # memory from JAX.
+    tf.config.set_visible_devices([], "GPU")
     if os.path.exists(args.out):
         raise SystemExit(f"{args.out}: already exists; export to a new --out (nothing written)")
     weights = np.load(args.weights)

@@ -19,9 +19,6 @@ from absl import logging
 from resunet_jax import context
 from resunet_jax.data import lgg
 
-# TF must never take GPU memory from JAX; the pipeline runs on the host CPU.
-tf.config.set_visible_devices([], "GPU")
-
 
 def _select_patients(dataset: tf.data.Dataset, patient_ids) -> tf.data.Dataset:
     wanted = tf.constant(sorted(patient_ids))
