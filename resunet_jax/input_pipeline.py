@@ -187,7 +187,7 @@ ELASTIC_GRID = 5
 
 
 # AutoGraph is off for augment_params and augment (and all they call): their branches
-# are on config values, never on tensors, and converting them cost 1.5-3 s of every
+# are on config values, never on tensors, so converting them would only lengthen every
 # training start (the dataset graph is the same op for op either way).
 @tf.autograph.experimental.do_not_convert
 def augment_params(seed, image_size: int, config, crop_size: int | None = None):
@@ -302,9 +302,8 @@ MISSING_SEQUENCES = {
 
 
 # The LGG slices are not skull-stripped and their background is noise of up to ~10 grey
-# levels (exact 0 in only ~3% of a slice's pixels), so "any channel > 0" is most of the
-# field of view. Any channel > 10 misses ~2% of the head (dark CSF) and keeps ~10% of
-# the background (against a filled, largest-component head at > 20, 226 slices).
+# levels, so "any channel > 0" is most of the field of view; above this level only a
+# little dark CSF is lost from the head and little background is kept.
 HEAD_LEVEL = 10.0
 
 
@@ -348,7 +347,7 @@ def warp_bilinear(images, transforms, out_size: int | None = None, displacements
 
     The convention of tf.raw_ops.ImageProjectiveTransformV3 (output (x, y) samples
     input (a0 x + a1 y + a2, b0 x + b1 y + b2)); written as gathers because compiled
-    with XLA it runs ~4x faster on CPU than that op (benchmarks/README.md).
+    with XLA they run faster on CPU than that op (benchmarks/README.md).
 
     Args:
         images: [B, S, S, C] float32.
@@ -464,8 +463,8 @@ def _finish(
         gamma = tf.concat([gamma] * repeats, axis=-1)
         # 255 (x/255)^γ keeps black and white and moves the mid-tones: contrast
         # between tissues changes as it does between scanners and protocols. Written
-        # as exp(γ log x) because XLA's CPU pow is several times slower (the pipeline
-        # fell from ~950 to ~600 img/s); log 0 = -inf maps black to exactly 0.
+        # as exp(γ log x) because XLA's CPU pow is several times slower; log 0 = -inf
+        # maps black to exactly 0.
         image = 255.0 * tf.exp(gamma[:, None, None, :] * tf.math.log(image / 255.0))
     return {
         "image": normalize(image, normalization, stats),
@@ -474,7 +473,7 @@ def _finish(
 
 
 # Compiled with XLA, as two functions: XLA's CPU gather is fast for 4 floats per pixel
-# but ~3x slower when the image/mask channel split is fused into it.
+# but slow when the image/mask channel split is fused into it.
 _warp_xla = tf.function(warp_bilinear, jit_compile=True, autograph=False)
 _finish_xla = tf.function(_finish, jit_compile=True, autograph=False)
 

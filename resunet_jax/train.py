@@ -78,8 +78,7 @@ def create_train_state(rng, config: ml_collections.ConfigDict, model) -> TrainSt
     (C = `models.input_channels`)."""
     shape = (1, config.data.image_size, config.data.image_size, models.input_channels(config.data))
     # Initialise outside pmap: BatchNorm in eval mode needs no axis name. Jitted, it is
-    # one compilation; eagerly, each of its hundreds of ops compiles on its own (18 s
-    # against 7 s for configs/tiny.py's model on a 2-core CPU).
+    # one compilation; eagerly, each of its hundreds of ops would compile on its own.
     init = jax.jit(functools.partial(model.init, train=False))
     variables = init(rng, jnp.zeros(shape, jnp.float32))
     return TrainState.create(
