@@ -104,15 +104,6 @@ class Checkpointer:
                 continue
             # Readable: from here on a failure means another config, not damage.
             check_compatible(saved["model"], _model_tree(abstract_state), step)
-            if "params" not in saved["train"]:
-                # Written before the weight moving average: `model` held the raw weights
-                # and `train` only the optimizer state, so the raw weights are gone.
-                raise CheckpointError(
-                    f"checkpoint step {step} in {self.latest.directory} predates the weight "
-                    "moving average (its `train` item has no raw weights), so training "
-                    "cannot resume from it. Evaluate or predict with it "
-                    "(--config.checkpoint=...), or train in a new --workdir."
-                )
             try:
                 restored = self.latest.restore(step, args=_restore_args(abstract_state))
             except Exception as e:
@@ -298,7 +289,7 @@ def join_no_contrast_expert(complete: str, no_contrast: str) -> tuple[dict, dict
     """
     (v_complete, m_complete), (v_expert, m_expert) = map(restore_model, (complete, no_contrast))
     for path, meta in ((complete, m_complete), (no_contrast, m_expert)):
-        if meta["config"]["model"].get("no_contrast_expert", False):
+        if meta["config"]["model"]["no_contrast_expert"]:
             raise CheckpointError(f"{path}: already a joined model (model.no_contrast_expert)")
     try:
         check_compatible(v_expert, v_complete, int(m_expert["step"]))
@@ -306,9 +297,9 @@ def join_no_contrast_expert(complete: str, no_contrast: str) -> tuple[dict, dict
         raise CheckpointError(f"{no_contrast} is not the architecture of {complete}: {e}") from e
     data_complete, data_expert = m_complete["config"]["data"], m_expert["config"]["data"]
     differ = [
-        f"data.{k}: {data_complete.get(k, default)!r} vs {data_expert.get(k, default)!r}"
-        for k, default in (("image_size", None), ("normalization", None), ("context_slices", 0))
-        if data_complete.get(k, default) != data_expert.get(k, default)
+        f"data.{k}: {data_complete[k]!r} vs {data_expert[k]!r}"
+        for k in ("image_size", "normalization", "context_slices")
+        if data_complete[k] != data_expert[k]
     ]
     if differ:
         raise CheckpointError(

@@ -53,12 +53,6 @@ MODEL_FIELDS = (
     "data.normalization",
     "data.context_slices",
 )
-# Values of fields added since the first checkpoints, for checkpoints saved without them.
-_SAVED_BEFORE = {
-    "data.context_slices": 0,
-    "model.deep_supervision": 0,
-    "model.no_contrast_expert": False,
-}
 
 
 class Evaluator:
@@ -196,8 +190,6 @@ def checkpoint_config(config: ml_collections.ConfigDict, meta: dict):
             dst, src = config, saved
             for p in parents:
                 dst, src = dst[p], src[p]
-            if leaf not in src:
-                src = {leaf: _SAVED_BEFORE[field]}
             wanted, saved_value = _plain(dst[leaf]), _plain(src[leaf])
             if wanted is not None and wanted != saved_value:
                 logging.warning(

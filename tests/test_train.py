@@ -7,7 +7,6 @@ import sys
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 
 from configs import tiny
@@ -137,28 +136,6 @@ def test_moving_average_of_the_weights_and_its_checkpoint(tmp_path):
         np.testing.assert_array_equal(a, b)
     for a, b in zip(jax.tree.leaves(variables), jax.tree.leaves(one.ema), strict=True):
         np.testing.assert_array_equal(a, b)
-
-
-def test_resuming_a_checkpoint_from_before_the_moving_average_says_so(tmp_path):
-    state, _ = _state_and_batch()
-    state = jax.device_get(state)
-    # The older layout: `model` = raw weights, `train` = optimizer state and step only.
-    manager = checkpointing._manager(tmp_path / checkpointing.LATEST_DIR)
-    manager.save(
-        3,
-        args=ocp.args.Composite(
-            model=ocp.args.StandardSave({"params": state.params, "batch_stats": state.batch_stats}),
-            train=ocp.args.StandardSave({"opt_state": state.opt_state, "step": state.step}),
-            meta=ocp.args.JsonSave({"step": 3}),
-        ),
-    )
-    manager.close()
-    saver = checkpointing.Checkpointer(str(tmp_path), keep=1)
-    with pytest.raises(checkpointing.CheckpointError, match="step 3 .* predates the weight moving"):
-        saver.restore_latest(jax.eval_shape(lambda: state))
-    saver.close()
-    variables, _ = checkpointing.restore_model(str(tmp_path / checkpointing.LATEST_DIR))
-    assert set(variables) == {"params", "batch_stats"}  # still usable for eval and predict
 
 
 def test_fine_tuning_starts_from_the_exported_weights_with_a_fresh_optimizer(tmp_path):
