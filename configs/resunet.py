@@ -132,7 +132,7 @@ def get_config() -> ml_collections.ConfigDict:
 
     config.eval = ml_collections.ConfigDict()
     # val: the patients of data.dir that the checkpoint did not train on (its meta lists
-    # its training patients; older checkpoints: the data.fold patients); all: every one.
+    # its training patients); all: every one.
     config.eval.split = "val"
     config.eval.batch_size = 32
     config.eval.flip_tta = False  # average with the left-right mirrored slice (2x cost)

@@ -316,13 +316,10 @@ def join_no_contrast_expert(complete: str, no_contrast: str) -> tuple[dict, dict
             "val_metrics": m_expert.get("val_metrics", {}),
         },
     )
-    # Evaluation must skip the patients either model saw; unknown if either list is.
-    if "train_patients" in m_complete and "train_patients" in m_expert:
-        meta["train_patients"] = sorted(
-            set(m_complete["train_patients"]) | set(m_expert["train_patients"])
-        )
-    else:
-        meta.pop("train_patients", None)
+    # Evaluation must skip the patients either model saw.
+    meta["train_patients"] = sorted(
+        set(m_complete["train_patients"]) | set(m_expert["train_patients"])
+    )
     variables = {
         k: {"complete": v_complete[k], "no_contrast": v_expert[k]}
         for k in ("params", "batch_stats")

@@ -264,30 +264,26 @@ def write_report(eval_dir: str, summary: dict, patients: dict, grid: np.ndarray)
     visualize.save_png(grid, os.path.join(eval_dir, "results_grid.png"))
 
 
-def patients_to_evaluate(source: sources.Source, train_patients) -> tuple[list, list | None]:
+def patients_to_evaluate(source: sources.Source, train_patients) -> tuple[list, list]:
     """The patients an evaluation scores, judged against the checkpoint's training set.
 
     A checkpoint lists the patients it was trained on (`meta["train_patients"]`), so
     `eval.split=val` scores exactly the patients of `data.dir` that it never saw. The
     k-fold split alone cannot promise that: on a folder with more or other patients
     (all 110 of the LGG collection, say) the same `data.fold` holds a different set,
-    most of them training patients. Checkpoints without the list (older ones) are
-    scored on `source.eval_ids` as before.
+    most of them training patients.
 
     Args:
         source: the opened data source.
-        train_patients: the checkpoint's training patient ids, or None if unknown.
+        train_patients: the checkpoint's training patient ids.
 
     Returns:
-        (patient ids to score, the ones among them the checkpoint trained on, or None
-        when unknown).
+        (patient ids to score, the ones among them the checkpoint trained on).
 
     Raises:
         errors.DataError: `eval.split=val` and the checkpoint trained on every patient of
             `data.dir`, so no figure would measure anything but fitting.
     """
-    if train_patients is None:
-        return source.eval_ids, None
     trained = set(train_patients)
     if source.config.eval.split == "all":
         ids = source.patient_ids
@@ -328,8 +324,8 @@ def evaluate_checkpoint(config, workdir: str, source: sources.Source | None = No
     config = checkpoint_config(source.config if source else config, meta)
     # With the list of training patients the k-fold split is not needed, so a folder
     # of fewer patients than data.num_folds (a user's own two, say) can be scored.
-    source = source or sources.open_source(config, workdir, split="train_patients" not in meta)
-    patient_ids, seen = patients_to_evaluate(source, meta.get("train_patients"))
+    source = source or sources.open_source(config, workdir, split=False)
+    patient_ids, seen = patients_to_evaluate(source, meta["train_patients"])
     evaluator = Evaluator(source, config, patient_ids)
     # The detection threshold chosen on the validation patients during training.
     threshold = meta.get("val_metrics", {}).get("detection_threshold", 0.5)
@@ -341,10 +337,8 @@ def evaluate_checkpoint(config, workdir: str, source: sources.Source | None = No
         synthetic_data=source.synthetic,
         split=config.eval.split,
         # "" = the images as they are; else the sequences replaced by the FLAIR.
-        missing_sequences=config.eval.get("missing_sequences", ""),
-        # None: the checkpoint does not list its training patients (written before
-        # 2026-11-26), so the split of `data.fold` chose the patients.
-        patients_seen_in_training=None if seen is None else len(seen),
+        missing_sequences=config.eval.missing_sequences,
+        patients_seen_in_training=len(seen),
     )
     if jax.process_index() == 0:
         grid = evaluator.results_grid(variables["params"], variables["batch_stats"], threshold)

@@ -237,7 +237,7 @@ def predict_step(variables, batch, *, model, flip_tta: bool = False):
     return None, {"mask": mask[..., 0], "tumor": tumor}
 
 
-def training_patients(earlier: list | None, this_run) -> list | None:
+def training_patients(earlier: list, this_run) -> list:
     """The patients a checkpoint has seen, recorded in its meta as `train_patients`.
 
     The list travels with every checkpoint so that evaluation on any folder scores only
@@ -246,16 +246,12 @@ def training_patients(earlier: list | None, this_run) -> list | None:
 
     Args:
         earlier: patients seen before this run (a resumed run's or a fine-tuning start
-            point's list; [] for a fresh run), or None when they are unknown (a start
-            point written before checkpoints listed them).
+            point's list; [] for a fresh run).
         this_run: this run's training patient ids.
 
     Returns:
-        The sorted union, or None when the earlier patients are unknown: an incomplete
-        list would let evaluation count the start point's patients as unseen.
+        The sorted union.
     """
-    if earlier is None:
-        return None
     return sorted(set(earlier) | set(this_run))
 
 
@@ -345,22 +341,12 @@ def _train_and_evaluate(config, workdir, source):
         state, meta = restored
         meta = dict(meta, config=checkpointing.config_json(config))
         logging.info("Resuming from step %d", int(state.step))
-        # A run without the list that started from another checkpoint stays unknown.
-        earlier_patients = meta.get("train_patients", None if config.init_checkpoint else [])
+        earlier_patients = meta["train_patients"]
     elif config.init_checkpoint:
         state, init_meta = init_from_checkpoint(state, config.init_checkpoint)
-        earlier_patients = init_meta.get("train_patients")
-    patients = training_patients(earlier_patients, source.train_ids)
-    if patients is None:
-        logging.warning(
-            "%s does not list its training patients, so neither will this run's checkpoints: "
-            "their evaluation falls back to the k-fold split.",
-            config.init_checkpoint,
-        )
-        meta.pop("train_patients", None)
-    else:
-        meta["train_patients"] = patients
-        check_patients_left_to_validate(source, patients)
+        earlier_patients = init_meta["train_patients"]
+    meta["train_patients"] = training_patients(earlier_patients, source.train_ids)
+    check_patients_left_to_validate(source, meta["train_patients"])
     start_step = int(state.step)
 
     global_batch = config.batch_size

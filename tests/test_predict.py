@@ -11,14 +11,14 @@ from resunet_jax import checkpointing, config_checks, errors, models, postproces
 from resunet_jax.data import lgg
 
 
-def _export_tiny(path, seed=0, train_patients=None, **data):
+def _export_tiny(path, seed=0, train_patients=(), **data):
     """Exports an untrained tiny model like the shipped weights (params + BN only).
 
     Args:
         path: export directory.
         seed: parameter init; also sets meta's step (10 + seed) and detection
             threshold (0.4 + seed / 10), so two exports can be told apart.
-        train_patients: meta's training patients (omitted when None).
+        train_patients: meta's training patients.
         **data: `config.data` overrides (e.g. normalization="volume").
 
     Returns:
@@ -34,9 +34,8 @@ def _export_tiny(path, seed=0, train_patients=None, **data):
         "step": 10 + seed,
         "config": checkpointing.config_json(config),
         "val_metrics": {"detection_threshold": 0.4 + seed / 10},
+        "train_patients": list(train_patients),
     }
-    if train_patients is not None:
-        meta["train_patients"] = train_patients
     variables = {"params": state.params, "batch_stats": state.batch_stats}
     checkpointing.export_model(str(path), variables, meta)
     return str(path)

@@ -213,7 +213,7 @@ def test_empty_folder_and_too_few_patients_are_reported(tmp_path):
             sources.open_source(config, str(tmp_path / "work"))
     # Without a split (evaluating a checkpoint that lists its training patients) two do.
     source = sources.open_source(config, str(tmp_path / "work"), split=False)
-    assert len(source.patient_ids) == 2 and source.eval_ids == source.patient_ids
+    assert len(source.patient_ids) == 2 and not source.train_ids
 
 
 def test_bad_data_through_launch_is_one_line_and_keeps_the_workdir(trained, tmp_path):
