@@ -587,7 +587,7 @@ def create_train_dataset(
             f"{devices} local devices"
         )
     ds = _select_patients(builder.as_dataset(split=lgg.SPLIT, shuffle_files=False), patient_ids)
-    soft = config.data.get("soft_masks", False)
+    soft = config.data.soft_masks
     ds = ds.map(lambda ex: resize_example(ex, config.data.image_size, soft), tf.data.AUTOTUNE)
     keep = ("image", "mask", "patient_id", "slice_index") + (("coverage",) if soft else ())
     ds = ds.map(lambda ex: {k: ex[k] for k in keep}).cache()
@@ -678,7 +678,7 @@ def create_eval_dataset(builder, patient_ids, config, batch_size: int) -> tf.dat
     if config.data.normalization == "volume":
         ds = _add_volume_stats(ds, patient_ids)
     ds = add_context(ds.map(lambda ex: dict(ex, display=ex["image"])), config.data.context_slices)
-    missing = config.eval.get("missing_sequences", "")
+    missing = config.eval.missing_sequences
     if missing:
         ds = ds.map(lambda ex: _drop_example_sequences(ex, MISSING_SEQUENCES[missing]))
     ds = ds.map(
