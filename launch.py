@@ -8,12 +8,12 @@ import logging as pylogging
 import sys
 
 import jax
+import tensorflow as tf
 from absl import app, flags, logging
 from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
-from resunet_jax import checkpointing, evaluate, predict, train
-from resunet_jax.data import lgg
+from resunet_jax import config_checks, errors, evaluate, predict, train
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config file (ml_collections).")
@@ -21,19 +21,11 @@ flags.DEFINE_string("workdir", None, "Run directory: checkpoints, logs, reports.
 flags.DEFINE_enum(
     "mode",
     "train",
-    ["train", "eval", "predict"],
+    list(config_checks.MODES),
     "train (resumes by itself), eval (restores the best checkpoint, writes WORKDIR/eval/) "
     "or predict (--config.predict.input=PATH -> WORKDIR/predict/).",
 )
 flags.mark_flags_as_required(["config", "workdir"])
-
-USER_ERRORS = (
-    lgg.DataError,
-    checkpointing.CheckpointError,
-    FloatingPointError,
-    FileNotFoundError,
-    ValueError,
-)
 
 
 class _QuietOrbax(pylogging.Filter):
@@ -47,6 +39,8 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     logging.get_absl_handler().addFilter(_QuietOrbax())
+    # tf.data runs on the host: TensorFlow must never take accelerator memory from JAX.
+    tf.config.set_visible_devices([], "GPU")
     config = FLAGS.config
     if config.distributed.enabled:
         dist = config.distributed
@@ -64,10 +58,12 @@ def main(argv):
         "predict": predict.predict,
     }[FLAGS.mode]
     try:
+        # Before anything is written: a bad value costs one line, not a run.
+        config_checks.validate(config, FLAGS.mode)
         run(config, FLAGS.workdir)
-    except USER_ERRORS as e:
+    except errors.UserError as e:
         # Bad data, checkpoints or settings: one clear message, no traceback (see it
-        # with --verbosity=1).
+        # with --verbosity=1). Any other exception is a bug and keeps its traceback.
         logging.debug("Traceback", exc_info=True)
         logging.error("%s", e)
         sys.exit(1)

@@ -26,11 +26,15 @@ def main():
     p.add_argument("--batches", type=int, default=100)
     args = p.parse_args()
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    import tensorflow as tf
 
     from configs import resunet
     from resunet_jax import input_pipeline
     from resunet_jax.data import sources
 
+    # As in launch.py: tf.data runs on the host, and TensorFlow must not take accelerator
+    # memory from JAX.
+    tf.config.set_visible_devices([], "GPU")
     config = resunet.get_config()
     config.data.dir = args.data_dir
     config.data.image_size = args.image_size

@@ -1,7 +1,8 @@
 """Training and inference speed of the project's real train step and predict function.
 
-Prints one JSON line per image size, in the schema of shared/bench/torch_resunet.py, so
-the two can be compared side by side (run both in one session, alternating):
+Prints one JSON line per image size, in the schema of the PyTorch copy of the seed model
+used as the speed yardstick (benchmarks/README.md), so the two can be compared side by
+side (run both in one session, alternating):
 
   python benchmarks/speed.py --device cpu --batch 8 --sizes 128,256
   python benchmarks/speed.py --device gpu --batch 64 --sizes 256 --dtype bfloat16

@@ -1,8 +1,8 @@
 """Trains the recipe on one accelerator from in-memory arrays, without TensorFlow.
 
-The tf.data pipeline (`launch.py`) feeds ~15 slices/s per CPU core: enough for CPU
-training, far too few for a GPU, which trains this model at thousands of slices/s, and
-the lent GPU machine has no TensorFlow. Here the whole dataset sits in accelerator
+The tf.data pipeline (`launch.py`) augments on the host CPU: fast enough for CPU
+training, far too slow to feed a GPU (benchmarks/README.md), and the lent GPU machine
+has no TensorFlow. Here the whole dataset sits in accelerator
 memory and each step draws its batch, augments it and trains in one compiled function.
 The step itself is the project's (`train.train_step`: loss, gradient clipping, Adam,
 BatchNorm and the weights' moving average); sampling and augmentation follow
@@ -434,10 +434,14 @@ def export(args):
     fold's patients, whose detection threshold (chosen on them) eval and predict use.
     """
     import jax
+    import tensorflow as tf
 
     from resunet_jax import checkpointing, evaluate
     from resunet_jax.data import sources
 
+    # As in launch.py: tf.data runs on the host, and TensorFlow must not take accelerator
+    # memory from JAX.
+    tf.config.set_visible_devices([], "GPU")
     if os.path.exists(args.out):
         raise SystemExit(f"{args.out}: already exists; export to a new --out (nothing written)")
     weights = np.load(args.weights)

@@ -1,6 +1,6 @@
 """The LGG recipe: the seed ResUNet on a patient-level split.
 
-Demo on built-in synthetic phantom data (no dataset needed, ~5 min on 2 CPU cores):
+Demo on built-in synthetic phantom data (no dataset needed; minutes on a laptop CPU):
   python launch.py --config=configs/resunet.py --workdir=runs/demo
 
 Train on the Kaggle LGG data (kaggle.com/datasets/mateuszbuda/lgg-mri-segmentation):
@@ -29,9 +29,8 @@ def get_config() -> ml_collections.ConfigDict:
     # True: a slice-level tumour classifier on the bottleneck, trained jointly; a slice
     # whose tumour probability is under the threshold chosen on the validation patients
     # gets an empty mask. False: a slice's tumour score is its highest pixel
-    # probability, so "tumour" = a confident predicted mask. On the LGG validation
-    # patients the mask rule detected better (0.95-0.96 vs 0.93-0.95 accuracy, five
-    # checkpoints trained with the head), so the recipe goes without the head.
+    # probability, so "tumour" = a confident predicted mask (docs/experiments.md
+    # compares the two).
     config.model.detection_head = False
     # Deep supervision (nnU-Net): k > 0 also trains 1x1 logit heads on the k decoder
     # blocks before the last (1/2, ..., 1/2**k of the side), with loss weights 1/2**j;
@@ -81,9 +80,8 @@ def get_config() -> ml_collections.ConfigDict:
     config.synthetic.seed = 0
 
     config.augment = ml_collections.ConfigDict()
-    # Strong augmentation against overfitting the 65 training patients: with ±10°, ±10%,
-    # ±10% gain and no gamma, validation Dice peaked at 0.77-0.81 and fell while training
-    # Dice rose to 0.92; with these it climbs to 0.83 and stays there (see the README).
+    # Strong augmentation, against overfitting the few training patients
+    # (docs/experiments.md compares milder settings).
     config.augment.flip = True  # left-right
     config.augment.rotate_degrees = 20.0  # uniform in [-r, r]
     config.augment.scale = 0.2  # zoom uniform in [1-s, 1+s]
@@ -99,9 +97,8 @@ def get_config() -> ml_collections.ConfigDict:
     config.augment.noise = 0.0
     # Missing sequences: with this probability a training slice loses its pre-contrast,
     # its post-contrast or both (equally likely), each replaced by its FLAIR, as the LGG
-    # data fill a sequence that was not acquired (7 of the 82 patients). Without it the
-    # model needs all three: with the FLAIR in the pre-contrast channel the shipped
-    # model's validation Dice falls from 0.83 to 0.59. 0 = off.
+    # data fill a sequence that was not acquired (some patients lack one). Without it the
+    # model needs all three sequences (docs/experiments.md). 0 = off.
     config.augment.missing_sequences = 0.0
     # Tumour copy-paste (TumorCP): with this probability a training slice receives the
     # tumour of the next slice in its batch (its pixels under that slice's mask, where
@@ -135,7 +132,7 @@ def get_config() -> ml_collections.ConfigDict:
 
     config.eval = ml_collections.ConfigDict()
     # val: the patients of data.dir that the checkpoint did not train on (its meta lists
-    # its training patients; older checkpoints: the data.fold patients); all: every one.
+    # its training patients); all: every one.
     config.eval.split = "val"
     config.eval.batch_size = 32
     config.eval.flip_tta = False  # average with the left-right mirrored slice (2x cost)
@@ -170,8 +167,8 @@ def get_config() -> ml_collections.ConfigDict:
 
     # Defaults by data source for the fields left None above.
     config.defaults = ml_collections.ConfigDict()
-    # The shipped weights' recipe: 3000 steps x 16 slices at 128 px (~60 min on 2 CPU
-    # cores); validation every 250 steps picks the best checkpoint.
+    # The shipped weights' recipe: 3000 steps x 16 slices at 128 px; validation every 250
+    # steps picks the best checkpoint.
     config.defaults.lgg = {
         "data": {"image_size": 128},
         "num_train_steps": 3000,

@@ -50,6 +50,8 @@ from etils import epath
 from flax import traverse_util
 from jax.experimental import multihost_utils
 
+from resunet_jax.errors import CheckpointError  # also importable from here
+
 LATEST_DIR = "checkpoints"
 LOCK_FILE = "train.lock"
 DAMAGED_SUFFIX = ".damaged"
@@ -181,15 +183,6 @@ class Checkpointer:
                 continue
             # Readable: from here on a failure means another config, not damage.
             check_compatible(saved["model"], _model_tree(abstract_state), step)
-            if "params" not in saved["train"]:
-                # Written before the weight moving average: `model` held the raw weights
-                # and `train` only the optimizer state, so the raw weights are gone.
-                raise CheckpointError(
-                    f"checkpoint step {step} in {self.directory} predates the weight "
-                    "moving average (its `train` item has no raw weights), so training "
-                    "cannot resume from it. Evaluate or predict with it "
-                    "(--config.checkpoint=...), or train in a new --workdir."
-                )
             try:
                 restored = self.manager.restore(step, args=_restore_args(abstract_state))
             except Exception as e:
@@ -320,10 +313,6 @@ def check_writable(folder: str):
     finally:
         with contextlib.suppress(OSError):
             os.remove(probe)
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be used; the message says which and why."""
 
 
 @contextlib.contextmanager
@@ -469,7 +458,7 @@ def join_no_contrast_expert(complete: str, no_contrast: str) -> tuple[dict, dict
     """
     (v_complete, m_complete), (v_expert, m_expert) = map(restore_model, (complete, no_contrast))
     for path, meta in ((complete, m_complete), (no_contrast, m_expert)):
-        if meta["config"]["model"].get("no_contrast_expert", False):
+        if meta["config"]["model"]["no_contrast_expert"]:
             raise CheckpointError(f"{path}: already a joined model (model.no_contrast_expert)")
     try:
         check_compatible(v_expert, v_complete, int(m_expert["step"]))
@@ -477,9 +466,9 @@ def join_no_contrast_expert(complete: str, no_contrast: str) -> tuple[dict, dict
         raise CheckpointError(f"{no_contrast} is not the architecture of {complete}: {e}") from e
     data_complete, data_expert = m_complete["config"]["data"], m_expert["config"]["data"]
     differ = [
-        f"data.{k}: {data_complete.get(k, default)!r} vs {data_expert.get(k, default)!r}"
-        for k, default in (("image_size", None), ("normalization", None), ("context_slices", 0))
-        if data_complete.get(k, default) != data_expert.get(k, default)
+        f"data.{k}: {data_complete[k]!r} vs {data_expert[k]!r}"
+        for k in ("image_size", "normalization", "context_slices")
+        if data_complete[k] != data_expert[k]
     ]
     if differ:
         raise CheckpointError(
@@ -496,13 +485,10 @@ def join_no_contrast_expert(complete: str, no_contrast: str) -> tuple[dict, dict
             "val_metrics": m_expert.get("val_metrics", {}),
         },
     )
-    # Evaluation must skip the patients either model saw; unknown if either list is.
-    if "train_patients" in m_complete and "train_patients" in m_expert:
-        meta["train_patients"] = sorted(
-            set(m_complete["train_patients"]) | set(m_expert["train_patients"])
-        )
-    else:
-        meta.pop("train_patients", None)
+    # Evaluation must skip the patients either model saw.
+    meta["train_patients"] = sorted(
+        set(m_complete["train_patients"]) | set(m_expert["train_patients"])
+    )
     variables = {
         k: {"complete": v_complete[k], "no_contrast": v_expert[k]}
         for k in ("params", "batch_stats")
@@ -518,7 +504,7 @@ def _candidates(path: str) -> list[tuple[str, int]]:
     """
     path = os.path.abspath(path)
     if not os.path.isdir(path):
-        raise FileNotFoundError(f"{path}: no such checkpoint or workdir")
+        raise CheckpointError(f"{path}: no such checkpoint or workdir")
     if os.path.isdir(os.path.join(path, "meta")) and os.path.basename(path).isdigit():
         return [(os.path.dirname(path), int(os.path.basename(path)))]
     if os.path.isdir(os.path.join(path, LATEST_DIR)):
@@ -545,7 +531,7 @@ def restore_model(path: str) -> tuple[dict, dict]:
         ({"params", "batch_stats"} as arrays, meta dict with "step" and "config").
 
     Raises:
-        FileNotFoundError: nothing restorable at `path`.
+        CheckpointError: nothing restorable at `path`.
     """
     for directory, step in _candidates(path):
         manager = _manager(directory, create=False)
@@ -563,7 +549,7 @@ def restore_model(path: str) -> tuple[dict, dict]:
             manager.close()
         logging.info("Restored model from %s step %d", directory, step)
         return dict(restored["model"]), dict(restored["meta"])
-    raise FileNotFoundError(f"{path}: no readable checkpoint found")
+    raise CheckpointError(f"{path}: no readable checkpoint found")
 
 
 def config_json(config) -> dict:

@@ -18,6 +18,7 @@ from absl import logging
 
 from resunet_jax import (
     checkpointing,
+    errors,
     input_pipeline,
     metrics,
     models,
@@ -52,12 +53,6 @@ MODEL_FIELDS = (
     "data.normalization",
     "data.context_slices",
 )
-# Values of fields added since the first checkpoints, for checkpoints saved without them.
-_SAVED_BEFORE = {
-    "data.context_slices": 0,
-    "model.deep_supervision": 0,
-    "model.no_contrast_expert": False,
-}
 
 
 class Evaluator:
@@ -75,7 +70,6 @@ class Evaluator:
         self.batch_size = -(-config.eval.batch_size // devices) * devices
         model = models.create_model(config.model)
         self.step = train.pmapped_predict_step(model, config.eval.flip_tta)
-        postprocess.check_method(config.eval.postprocess)
         self.postprocess = config.eval.postprocess
         self.dataset = input_pipeline.create_eval_dataset(
             source.builder, patient_ids, config, self.batch_size
@@ -108,7 +102,7 @@ class Evaluator:
             columns["patient_id"].append(batch["patient_id"])
             columns["slice_index"].append(batch["slice_index"])
         if not columns:
-            raise ValueError("evaluation split is empty")
+            raise errors.DataError("no slice to evaluate: the evaluation split is empty")
         # Batches of different slice sizes: pad every mask to the largest.
         h = max(m.shape[1] for m in columns["pred_mask"])
         w = max(m.shape[2] for m in columns["pred_mask"])
@@ -196,10 +190,7 @@ def checkpoint_config(config: ml_collections.ConfigDict, meta: dict):
             dst, src = config, saved
             for p in parents:
                 dst, src = dst[p], src[p]
-            if leaf not in src:
-                src = {leaf: _SAVED_BEFORE[field]}
-            # A config without the field (an old checkpoint's own) takes the saved value.
-            wanted, saved_value = _plain(dst.get(leaf)), _plain(src[leaf])
+            wanted, saved_value = _plain(dst[leaf]), _plain(src[leaf])
             if wanted is not None and wanted != saved_value:
                 logging.warning(
                     "Using the checkpoint's %s=%s (the config had %s)", field, saved_value, wanted
@@ -273,37 +264,33 @@ def write_report(eval_dir: str, summary: dict, patients: dict, grid: np.ndarray)
     visualize.save_png(grid, os.path.join(eval_dir, "results_grid.png"))
 
 
-def patients_to_evaluate(source: sources.Source, train_patients) -> tuple[list, list | None]:
+def patients_to_evaluate(source: sources.Source, train_patients) -> tuple[list, list]:
     """The patients an evaluation scores, judged against the checkpoint's training set.
 
     A checkpoint lists the patients it was trained on (`meta["train_patients"]`), so
     `eval.split=val` scores exactly the patients of `data.dir` that it never saw. The
     k-fold split alone cannot promise that: on a folder with more or other patients
     (all 110 of the LGG collection, say) the same `data.fold` holds a different set,
-    most of them training patients. Checkpoints without the list (older ones) are
-    scored on `source.eval_ids` as before.
+    most of them training patients.
 
     Args:
         source: the opened data source.
-        train_patients: the checkpoint's training patient ids, or None if unknown.
+        train_patients: the checkpoint's training patient ids.
 
     Returns:
-        (patient ids to score, the ones among them the checkpoint trained on, or None
-        when unknown).
+        (patient ids to score, the ones among them the checkpoint trained on).
 
     Raises:
-        ValueError: `eval.split=val` and the checkpoint trained on every patient of
+        errors.DataError: `eval.split=val` and the checkpoint trained on every patient of
             `data.dir`, so no figure would measure anything but fitting.
     """
-    if train_patients is None:
-        return source.eval_ids, None
     trained = set(train_patients)
     if source.config.eval.split == "all":
         ids = source.patient_ids
     else:
         ids = sorted(set(source.patient_ids) - trained)
         if not ids:
-            raise ValueError(
+            raise errors.DataError(
                 f"{source.data_dir}: the checkpoint was trained on every patient in this "
                 "folder, so there is none left to validate on; --config.eval.split=all scores "
                 "them anyway (a measure of fit, not of generalisation)"
@@ -339,8 +326,8 @@ def evaluate_checkpoint(config, workdir: str, source: sources.Source | None = No
     config = checkpoint_config(source.config if source else config, meta)
     # With the list of training patients the k-fold split is not needed, so a folder
     # of fewer patients than data.num_folds (a user's own two, say) can be scored.
-    source = source or sources.open_source(config, workdir, split="train_patients" not in meta)
-    patient_ids, seen = patients_to_evaluate(source, meta.get("train_patients"))
+    source = source or sources.open_source(config, workdir, split=False)
+    patient_ids, seen = patients_to_evaluate(source, meta["train_patients"])
     evaluator = Evaluator(source, config, patient_ids)
     # The detection threshold chosen on the validation patients during training.
     threshold = meta.get("val_metrics", {}).get("detection_threshold", 0.5)
@@ -352,10 +339,8 @@ def evaluate_checkpoint(config, workdir: str, source: sources.Source | None = No
         synthetic_data=source.synthetic,
         split=config.eval.split,
         # "" = the images as they are; else the sequences replaced by the FLAIR.
-        missing_sequences=config.eval.get("missing_sequences", ""),
-        # None: the checkpoint does not list its training patients (written before
-        # 2026-11-26), so the split of `data.fold` chose the patients.
-        patients_seen_in_training=None if seen is None else len(seen),
+        missing_sequences=config.eval.missing_sequences,
+        patients_seen_in_training=len(seen),
     )
     if jax.process_index() == 0:
         grid = evaluator.results_grid(variables["params"], variables["batch_stats"], threshold)

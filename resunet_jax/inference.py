@@ -65,7 +65,6 @@ class Predictor:
         self.variables = jax.device_put(variables)  # once, not with every batch
         self.batch_size = config.eval.batch_size
         self.postprocess = config.eval.get("postprocess", "none")
-        postprocess.check_method(self.postprocess)
         flip_tta = config.eval.get("flip_tta", False)
         self._infer = jax.jit(functools.partial(train.infer, model, flip_tta=flip_tta))
 

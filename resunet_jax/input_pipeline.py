@@ -19,9 +19,6 @@ from absl import logging
 from resunet_jax import context
 from resunet_jax.data import lgg
 
-# TF must never take GPU memory from JAX; the pipeline runs on the host CPU.
-tf.config.set_visible_devices([], "GPU")
-
 
 def _select_patients(dataset: tf.data.Dataset, patient_ids) -> tf.data.Dataset:
     wanted = tf.constant(sorted(patient_ids))
@@ -57,6 +54,9 @@ def resize_example(example, image_size: int, coverage: bool = False):
     return out
 
 
+NORMALIZATIONS = ("scale", "slice", "volume")  # config.data.normalization
+
+
 def normalize(image, method: str = "scale", stats=None):
     """uint8 (or float in [0, 255]) [..., H, W, 3n] → float32 model input.
 
@@ -83,7 +83,7 @@ def normalize(image, method: str = "scale", stats=None):
         # Context slices (`add_context`) repeat the three channels: so do their stats.
         stats = tf.concat([stats] * (image.shape[-1] // 3), axis=-1)
         return (image - stats[..., 0:1, None, :]) / stats[..., 1:2, None, :]
-    raise ValueError(f"unknown data.normalization {method!r}; use 'scale', 'slice' or 'volume'")
+    raise ValueError(f"unknown normalization {method!r}; use one of {NORMALIZATIONS}")
 
 
 def slice_moments(image):
@@ -187,7 +187,7 @@ ELASTIC_GRID = 5
 
 
 # AutoGraph is off for augment_params and augment (and all they call): their branches
-# are on config values, never on tensors, and converting them cost 1.5-3 s of every
+# are on config values, never on tensors, so converting them would only lengthen every
 # training start (the dataset graph is the same op for op either way).
 @tf.autograph.experimental.do_not_convert
 def augment_params(seed, image_size: int, config, crop_size: int | None = None):
@@ -302,9 +302,8 @@ MISSING_SEQUENCES = {
 
 
 # The LGG slices are not skull-stripped and their background is noise of up to ~10 grey
-# levels (exact 0 in only ~3% of a slice's pixels), so "any channel > 0" is most of the
-# field of view. Any channel > 10 misses ~2% of the head (dark CSF) and keeps ~10% of
-# the background (against a filled, largest-component head at > 20, 226 slices).
+# levels, so "any channel > 0" is most of the field of view; above this level only a
+# little dark CSF is lost from the head and little background is kept.
 HEAD_LEVEL = 10.0
 
 
@@ -348,7 +347,7 @@ def warp_bilinear(images, transforms, out_size: int | None = None, displacements
 
     The convention of tf.raw_ops.ImageProjectiveTransformV3 (output (x, y) samples
     input (a0 x + a1 y + a2, b0 x + b1 y + b2)); written as gathers because compiled
-    with XLA it runs ~4x faster on CPU than that op (benchmarks/README.md).
+    with XLA they run faster on CPU than that op (benchmarks/README.md).
 
     Args:
         images: [B, S, S, C] float32.
@@ -464,8 +463,8 @@ def _finish(
         gamma = tf.concat([gamma] * repeats, axis=-1)
         # 255 (x/255)^γ keeps black and white and moves the mid-tones: contrast
         # between tissues changes as it does between scanners and protocols. Written
-        # as exp(γ log x) because XLA's CPU pow is several times slower (the pipeline
-        # fell from ~950 to ~600 img/s); log 0 = -inf maps black to exactly 0.
+        # as exp(γ log x) because XLA's CPU pow is several times slower; log 0 = -inf
+        # maps black to exactly 0.
         image = 255.0 * tf.exp(gamma[:, None, None, :] * tf.math.log(image / 255.0))
     return {
         "image": normalize(image, normalization, stats),
@@ -474,7 +473,7 @@ def _finish(
 
 
 # Compiled with XLA, as two functions: XLA's CPU gather is fast for 4 floats per pixel
-# but ~3x slower when the image/mask channel split is fused into it.
+# but slow when the image/mask channel split is fused into it.
 _warp_xla = tf.function(warp_bilinear, jit_compile=True, autograph=False)
 _finish_xla = tf.function(_finish, jit_compile=True, autograph=False)
 
@@ -588,7 +587,7 @@ def create_train_dataset(
             f"{devices} local devices"
         )
     ds = _select_patients(builder.as_dataset(split=lgg.SPLIT, shuffle_files=False), patient_ids)
-    soft = config.data.get("soft_masks", False)
+    soft = config.data.soft_masks
     ds = ds.map(lambda ex: resize_example(ex, config.data.image_size, soft), tf.data.AUTOTUNE)
     keep = ("image", "mask", "patient_id", "slice_index") + (("coverage",) if soft else ())
     ds = ds.map(lambda ex: {k: ex[k] for k in keep}).cache()
@@ -639,8 +638,6 @@ def create_train_dataset(
     # after the shard, on this process's elements only.
     ds = ds.shard(jax.process_count(), jax.process_index())
     size, crop, aug = config.data.image_size, config.data.crop_size, config.augment
-    if crop is not None and not 0 < crop <= size:
-        raise ValueError(f"data.crop_size must be in 1..data.image_size ({size}), got {crop}")
     ds = ds.map(lambda ex, s: (ex, augment_params(s, size, aug, crop)), tf.data.AUTOTUNE)
     ds = ds.batch(per_process_batch, drop_remainder=True)
     # Whole batches are resampled and normalised at once: one kernel call per batch
@@ -681,11 +678,7 @@ def create_eval_dataset(builder, patient_ids, config, batch_size: int) -> tf.dat
     if config.data.normalization == "volume":
         ds = _add_volume_stats(ds, patient_ids)
     ds = add_context(ds.map(lambda ex: dict(ex, display=ex["image"])), config.data.context_slices)
-    missing = config.eval.get("missing_sequences", "")
-    if missing not in MISSING_SEQUENCES:
-        raise ValueError(
-            f"unknown eval.missing_sequences {missing!r}; use one of {sorted(MISSING_SEQUENCES)}"
-        )
+    missing = config.eval.missing_sequences
     if missing:
         ds = ds.map(lambda ex: _drop_example_sequences(ex, MISSING_SEQUENCES[missing]))
     ds = ds.map(

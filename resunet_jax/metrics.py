@@ -124,8 +124,8 @@ def summarize(patient_ids, counts, tumor_prob, threshold: float = 0.5) -> tuple[
             masks emptied.
 
     Returns:
-        (metrics, patients): `metrics` holds the metrics.json keys of DESIGN.md plus
-        AUC and per-patient detection; `patients` is `per_patient(...)`.
+        (metrics, patients): `metrics` holds the metrics.json keys listed in README.md
+        plus AUC and per-patient detection; `patients` is `per_patient(...)`.
     """
     tumor_prob = np.asarray(tumor_prob, np.float64)
     pred_tumor = tumor_prob >= threshold

@@ -1,7 +1,8 @@
 """The seed ResUNet (Buda-style brain-MRI ResUNet, from the original Keras model).
 
 Layer for layer the Keras model: with the default widths it has 1,206,129 trainable
-parameters and 4,384 BatchNorm statistics, like `shared/bench/torch_resunet.py`.
+parameters and 4,384 BatchNorm statistics, like the PyTorch copy of the seed model
+used as the speed yardstick (benchmarks/README.md).
 Images are NHWC. The network returns logits; the sigmoid lives in the losses and in
 inference so that the loss is computed stably in float32.
 
@@ -171,10 +172,9 @@ def lacks_pre_contrast(x):
 class NoContrastRouted(nn.Module):
     """Two ResUNets: one for complete slices, one for slices without the pre-contrast.
 
-    A model trained on complete scans needs the pre-contrast (with the FLAIR in its
-    place the recipe's validation Dice falls from 0.83 to 0.59), and ones trained to do
-    without it read 0.80-0.81 on complete scans (docs/experiments.md). Routing each
-    slice by `lacks_pre_contrast` keeps the best of both. Both networks run on every slice; the
+    A model trained on complete scans needs the pre-contrast, and one trained to do
+    without it is weaker on complete scans (docs/experiments.md). Routing each slice by
+    `lacks_pre_contrast` keeps the best of both. Both networks run on every slice; the
     model is assembled from two trained ones (`checkpointing.join_no_contrast_expert`),
     not trained as one.
 
@@ -200,6 +200,9 @@ class NoContrastRouted(nn.Module):
             return jnp.where(routed.reshape((-1,) + (1,) * (a.ndim - 1)), b, a)
 
         return jax.tree.map(select, complete, no_contrast)
+
+
+DTYPES = ("float32", "bfloat16")  # config.model.dtype
 
 
 def input_channels(data_config) -> int:

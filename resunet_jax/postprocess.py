@@ -6,12 +6,6 @@ from scipy import ndimage
 METHODS = ("none", "largest_component")  # config.eval.postprocess
 
 
-def check_method(name: str) -> None:
-    """Raises ValueError unless `name` is one of `METHODS`."""
-    if name not in METHODS:
-        raise ValueError(f"eval.postprocess must be one of {', '.join(METHODS)}, got {name!r}")
-
-
 def probabilities_at_original_size(prob_maps, heights, widths):
     """Resizes probability maps to their slices' original sizes (bilinear).
 

@@ -19,7 +19,7 @@ import optax
 from absl import logging
 from flax.training import train_state
 
-from resunet_jax import checkpointing, losses, metrics, models, parallel
+from resunet_jax import checkpointing, errors, losses, metrics, models, parallel
 
 
 class TrainState(train_state.TrainState):
@@ -35,6 +35,10 @@ class TrainState(train_state.TrainState):
 
     batch_stats: Any
     ema: Any
+
+
+OPTIMIZERS = ("adam", "adamw", "sgd")  # config.optimizer.name
+SCHEDULES = ("cosine", "constant")  # config.optimizer.schedule
 
 
 def create_learning_rate_fn(config: ml_collections.ConfigDict) -> optax.Schedule:
@@ -74,8 +78,7 @@ def create_train_state(rng, config: ml_collections.ConfigDict, model) -> TrainSt
     (C = `models.input_channels`)."""
     shape = (1, config.data.image_size, config.data.image_size, models.input_channels(config.data))
     # Initialise outside pmap: BatchNorm in eval mode needs no axis name. Jitted, it is
-    # one compilation; eagerly, each of its hundreds of ops compiles on its own (18 s
-    # against 7 s for configs/tiny.py's model on a 2-core CPU).
+    # one compilation; eagerly, each of its hundreds of ops would compile on its own.
     init = jax.jit(functools.partial(model.init, train=False))
     variables = init(rng, jnp.zeros(shape, jnp.float32))
     return TrainState.create(
@@ -234,7 +237,7 @@ def predict_step(variables, batch, *, model, flip_tta: bool = False):
     return None, {"mask": mask[..., 0], "tumor": tumor}
 
 
-def training_patients(earlier: list | None, this_run) -> list | None:
+def training_patients(earlier: list, this_run) -> list:
     """The patients a checkpoint has seen, recorded in its meta as `train_patients`.
 
     The list travels with every checkpoint so that evaluation on any folder scores only
@@ -243,16 +246,12 @@ def training_patients(earlier: list | None, this_run) -> list | None:
 
     Args:
         earlier: patients seen before this run (a resumed run's or a fine-tuning start
-            point's list; [] for a fresh run), or None when they are unknown (a start
-            point written before checkpoints listed them).
+            point's list; [] for a fresh run).
         this_run: this run's training patient ids.
 
     Returns:
-        The sorted union, or None when the earlier patients are unknown: an incomplete
-        list would let evaluation count the start point's patients as unseen.
+        The sorted union.
     """
-    if earlier is None:
-        return None
     return sorted(set(earlier) | set(this_run))
 
 
@@ -265,7 +264,7 @@ def check_patients_left_to_validate(source, train_patients: list) -> None:
     (evaluate.patients_to_evaluate) would refuse only after the whole run.
 
     Raises:
-        ValueError: eval.split=val and every patient of `data.dir` is in `train_patients`.
+        errors.DataError: eval.split=val and every patient of `data.dir` is in `train_patients`.
     """
     from resunet_jax import evaluate  # imports this module
 
@@ -305,7 +304,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Trains with periodic validation and checkpoints, then writes the final evaluation.
 
     Resumes from the newest checkpoint in `workdir`. The final evaluation restores the
-    best checkpoint exactly as `--mode=eval` does and writes `workdir/eval/`.
+    best checkpoint exactly as `--mode=eval` does and writes `workdir/eval/`. `config`
+    is one that `config_checks.validate(config, "train")` accepts (launch.py checks it).
 
     Returns:
         The final evaluation's metrics (the content of eval/metrics.json); None when
@@ -319,12 +319,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     # functions above stay TF-free (benchmarks/train_on_device.py runs them without TF).
     from resunet_jax.data import sources
 
-    if config.model.get("no_contrast_expert", False):
-        raise ValueError(
-            "model.no_contrast_expert is for evaluation and prediction: train the model for "
-            "complete scans and the one for scans without the pre-contrast on their own and "
-            "join them with checkpointing.join_no_contrast_expert"
-        )
     # The lock comes first: a second run started alongside must stop before it writes
     # anything (the synthetic data, prepared data, a summary file).
     with checkpointing.workdir_lock(workdir):
@@ -351,27 +345,15 @@ def _train_and_evaluate(config, workdir, source):
         meta = dict(meta, config=checkpointing.config_json(config))
         meta.pop("val_metrics", None)
         logging.info("Resuming from step %d", int(state.step))
-        # A run without the list that started from another checkpoint stays unknown.
-        earlier_patients = meta.get("train_patients", None if config.init_checkpoint else [])
+        earlier_patients = meta["train_patients"]
     elif config.init_checkpoint:
         state, init_meta = init_from_checkpoint(state, config.init_checkpoint)
-        earlier_patients = init_meta.get("train_patients")
-    patients = training_patients(earlier_patients, source.train_ids)
-    if patients is None:
-        logging.warning(
-            "%s does not list its training patients, so neither will this run's checkpoints: "
-            "their evaluation falls back to the k-fold split.",
-            config.init_checkpoint,
-        )
-        meta.pop("train_patients", None)
-    else:
-        meta["train_patients"] = patients
-        check_patients_left_to_validate(source, patients)
+        earlier_patients = init_meta["train_patients"]
+    meta["train_patients"] = training_patients(earlier_patients, source.train_ids)
+    check_patients_left_to_validate(source, meta["train_patients"])
     start_step = int(state.step)
 
     global_batch = config.batch_size
-    if global_batch % jax.process_count():
-        raise ValueError(f"batch_size {global_batch} must divide over {jax.process_count()} hosts")
     train_ds = input_pipeline.create_train_dataset(
         source.builder,
         source.train_ids,
@@ -454,7 +436,7 @@ def _train_loop(
             summary = _mean_metrics(history)
             history = []
             if not np.isfinite(summary["loss"]):
-                raise FloatingPointError(
+                raise errors.TrainingDivergedError(
                     f"non-finite training loss {summary['loss']} at step {step}; the last "
                     "good checkpoint is kept (lower optimizer.learning_rate?)"
                 )

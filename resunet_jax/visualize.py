@@ -1,10 +1,19 @@
-"""Matplotlib figures of evaluation results (PNG, no display needed)."""
+"""Matplotlib figures of evaluation results (PNG, no display needed).
 
-import matplotlib
+Figures are drawn on their own Agg canvas, not through pyplot: no global backend to
+choose, no display needed, and nothing to close.
+"""
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
-import numpy as np  # noqa: E402
+import numpy as np
+from matplotlib import image as mpl_image
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+
+def _figure(**kwargs) -> Figure:
+    fig = Figure(**kwargs)
+    FigureCanvasAgg(fig)
+    return fig
 
 
 def per_patient_dice_figure(patients: dict, path: str):
@@ -18,7 +27,8 @@ def per_patient_dice_figure(patients: dict, path: str):
         ((pid, r["dice"]) for pid, r in patients.items() if r["true_area"] > 0),
         key=lambda item: item[1],
     )
-    fig, ax = plt.subplots(figsize=(max(4.0, 0.35 * len(rows) + 1.5), 4.0))
+    fig = _figure(figsize=(max(4.0, 0.35 * len(rows) + 1.5), 4.0))
+    ax = fig.subplots()
     dices = np.array([d for _, d in rows])
     ax.bar(range(len(rows)), dices, color="tab:green")
     if rows:
@@ -30,7 +40,6 @@ def per_patient_dice_figure(patients: dict, path: str):
     ax.set_title("Per-patient Dice")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 def _overlay(image, mask, color):
@@ -65,7 +74,8 @@ def results_grid(images, true_masks, pred_masks, titles=None) -> np.ndarray:
         The rendered figure, [height, width, 3] uint8.
     """
     n = len(images)
-    fig, axes = plt.subplots(n, 5, figsize=(12.5, 2.6 * n), squeeze=False)
+    fig = _figure(figsize=(12.5, 2.6 * n))
+    axes = fig.subplots(n, 5, squeeze=False)
     for i in range(n):
         panels = (
             images[i],
@@ -90,16 +100,14 @@ def results_grid(images, true_masks, pred_masks, titles=None) -> np.ndarray:
             axes[i, 0].set_ylabel(titles[i], fontsize=7)
     fig.tight_layout()
     fig.canvas.draw()
-    rendered = np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
-    plt.close(fig)
-    return rendered
+    return np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
 
 
 def overlay_png(image, mask, path: str):
     """Writes `image` [H, W, 3] uint8 with `mask` [H, W] outlined in green as a PNG."""
-    plt.imsave(path, _overlay(image, mask, (0, 255, 0)))
+    mpl_image.imsave(path, _overlay(image, mask, (0, 255, 0)))
 
 
 def save_png(array, path: str):
     """Writes an [H, W, 3] uint8 array as a PNG."""
-    plt.imsave(path, array)
+    mpl_image.imsave(path, array)

@@ -25,6 +25,14 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import pytest  # noqa: E402
 
 
+def pytest_configure(config):
+    # As in launch.py: tf.data runs on the host, and TensorFlow must not take accelerator
+    # memory from JAX.
+    import tensorflow as tf
+
+    tf.config.set_visible_devices([], "GPU")
+
+
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory):
     """A tiny synthetic kaggle_3m folder (6 patients x 6 slices, 32 px), shared by tests."""

@@ -48,7 +48,7 @@ def _readable(workdir):
     for step in _steps(workdir):
         try:
             checkpointing.restore_model(os.path.join(workdir, "checkpoints", str(step)))
-        except FileNotFoundError:
+        except checkpointing.CheckpointError:
             continue
         readable.append(step)
     return readable

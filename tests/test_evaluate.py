@@ -35,14 +35,8 @@ def _source(ids, split, fold_of):
     config = tiny.get_config()
     config.eval.split = split
     train_ids, val_ids = lgg.split_patients(ids, 5, 0, seed=0)
-    eval_ids = ids if split == "all" else val_ids
     return types.SimpleNamespace(
-        config=config,
-        data_dir=fold_of,
-        patient_ids=ids,
-        train_ids=train_ids,
-        val_ids=val_ids,
-        eval_ids=eval_ids,
+        config=config, data_dir=fold_of, patient_ids=ids, train_ids=train_ids, val_ids=val_ids
     )
 
 
@@ -63,26 +57,20 @@ def test_evaluation_scores_only_patients_the_checkpoint_never_saw():
     # "all" scores everyone and says who was seen in training.
     ids, seen = evaluate.patients_to_evaluate(_source(bigger, "all", "big"), trained_on)
     assert ids == bigger and seen == trained_on
-    # A checkpoint without the list (older ones): the split decides, seen unknown.
-    source = _source(bigger, "val", "big")
-    assert evaluate.patients_to_evaluate(source, None) == (source.val_ids, None)
     # Trained on every patient of the folder: one error naming it, nothing scored.
-    with pytest.raises(ValueError, match="shared: the checkpoint was trained on every patient"):
+    with pytest.raises(lgg.DataError, match="shared: the checkpoint was trained on every patient"):
         evaluate.patients_to_evaluate(_source(shared, "val", "shared"), shared)
 
 
-def test_checkpoint_config_takes_every_model_field_and_fills_in_newer_ones(caplog):
+def test_checkpoint_config_takes_every_model_field(caplog):
     config = resunet.get_config()
     assert {f"model.{k}" for k in config.model} <= set(evaluate.MODEL_FIELDS)
-    # The shipped model's config, saved before model.deep_supervision existed.
     saved = resunet.get_config().to_dict()
-    del saved["model"]["deep_supervision"]
     saved["model"]["features"] = [32, 64]
     with caplog.at_level("WARNING"):
         restored = evaluate.checkpoint_config(config, {"config": saved})
-    assert restored.model.deep_supervision == 0
     assert tuple(restored.model.features) == (32, 64)
-    # One warning: for the field that differs, not for the one the checkpoint predates.
+    # One warning: for the field that differs.
     assert [r.getMessage() for r in caplog.records if "checkpoint's" in r.getMessage()] == [
         "Using the checkpoint's model.features=[32, 64] (the config had [32, 64, 128])"
     ]

@@ -7,18 +7,27 @@ import pytest
 import tifffile
 
 from configs import tiny
-from resunet_jax import checkpointing, inference, models, postprocess, predict, train
+from resunet_jax import (
+    checkpointing,
+    config_checks,
+    errors,
+    inference,
+    models,
+    postprocess,
+    predict,
+    train,
+)
 from resunet_jax.data import lgg
 
 
-def _export_tiny(path, seed=0, train_patients=None, **data):
+def _export_tiny(path, seed=0, train_patients=(), **data):
     """Exports an untrained tiny model like the shipped weights (params + BN only).
 
     Args:
         path: export directory.
         seed: parameter init; also sets meta's step (10 + seed) and detection
             threshold (0.4 + seed / 10), so two exports can be told apart.
-        train_patients: meta's training patients (omitted when None).
+        train_patients: meta's training patients.
         **data: `config.data` overrides (e.g. normalization="volume").
 
     Returns:
@@ -34,9 +43,8 @@ def _export_tiny(path, seed=0, train_patients=None, **data):
         "step": 10 + seed,
         "config": checkpointing.config_json(config),
         "val_metrics": {"detection_threshold": 0.4 + seed / 10},
+        "train_patients": list(train_patients),
     }
-    if train_patients is not None:
-        meta["train_patients"] = train_patients
     variables = {"params": state.params, "batch_stats": state.batch_stats}
     checkpointing.export_model(str(path), variables, meta)
     return str(path)
@@ -277,9 +285,6 @@ def test_largest_component_post_processing_applies_per_folder_as_in_evaluation(
         masks["largest_component"], postprocess.largest_component_3d(masks["none"])
     )
     assert masks["largest_component"][:, 10, 10].all()
-    config.eval.postprocess = "biggest"
-    with pytest.raises(ValueError, match="eval.postprocess must be one of none, largest_component"):
-        predict.predict(config, str(tmp_path / "bad"))
 
 
 def test_joined_model_predicts_flair_only_slices_with_its_no_contrast_model(tmp_path):
@@ -323,5 +328,5 @@ def test_join_refuses_models_that_read_different_inputs_or_are_joined(tmp_path):
         checkpointing.join_no_contrast_expert(str(tmp_path / "joined"), complete)
     config = tiny.get_config()
     config.model.no_contrast_expert = True
-    with pytest.raises(ValueError, match="join_no_contrast_expert"):
-        train.train_and_evaluate(config, str(tmp_path / "work"))
+    with pytest.raises(errors.ConfigError, match="no_contrast_expert=True: .*join_no_"):
+        config_checks.validate(config, "train")

@@ -1,4 +1,5 @@
-"""Crashes, pre-emption, damaged checkpoints, numerical faults, bad data, determinism."""
+"""Crashes, pre-emption, damaged checkpoints, numerical faults, bad data, internal errors,
+determinism."""
 
 import json
 import os
@@ -215,7 +216,7 @@ def test_empty_folder_and_too_few_patients_are_reported(tmp_path):
             sources.open_source(config, str(tmp_path / "work"))
     # Without a split (evaluating a checkpoint that lists its training patients) two do.
     source = sources.open_source(config, str(tmp_path / "work"), split=False)
-    assert len(source.patient_ids) == 2 and source.eval_ids == source.patient_ids
+    assert len(source.patient_ids) == 2 and not source.train_ids
 
 
 def test_bad_data_through_launch_is_one_line_and_keeps_the_workdir(trained, tmp_path):
@@ -232,6 +233,38 @@ def test_bad_data_through_launch_is_one_line_and_keeps_the_workdir(trained, tmp_
         assert message in errors[0] and "Traceback" not in log
     assert sorted(os.listdir(workdir)) == before
     assert _steps(workdir) == [3, 6]
+
+
+# Runs launch.py's main with a function of the run replaced by one that raises `error`.
+_RAISING_RUN = """
+import sys
+from absl import app
+import launch
+from resunet_jax import errors
+from resunet_jax.data import sources
+
+def fail(*args, **kwargs):
+    raise {error}("raised inside the run")
+
+sources.open_source = fail
+app.run(launch.main, argv=sys.argv)
+"""
+
+
+@pytest.mark.parametrize("error", ["ValueError", "errors.DataError"])
+def test_only_project_errors_become_one_line(tmp_path, error):
+    """A ValueError from inside JAX or a library is a bug to see, not a user's mistake."""
+    command = [
+        sys.executable,
+        "-c",
+        _RAISING_RUN.format(error=error),
+        "--config=configs/tiny.py",
+        f"--workdir={tmp_path}/run",
+        f"--config.data.prepared_dir={tmp_path}/prepared",
+    ]
+    proc = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1 and "raised inside the run" in proc.stderr
+    assert ("Traceback" in proc.stderr) == (error == "ValueError"), proc.stderr[-3000:]
 
 
 def test_same_seed_gives_bit_identical_parameters(tmp_path):

@@ -16,11 +16,9 @@ import numpy as np
 import tensorflow_datasets as tfds
 import tifffile
 
+from resunet_jax.errors import DataError  # also importable from here
+
 _SLICE_FILE = re.compile(r"^(?P<stem>.+)_(?P<index>\d+)(?P<mask>_mask)?\.tiff?$", re.IGNORECASE)
-
-
-class DataError(ValueError):
-    """A data folder or file that cannot be used; the message names it and the problem."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -144,7 +142,7 @@ def split_patients(ids: list[str], num_folds: int, fold: int, seed: int) -> tupl
         (train_ids, val_ids), each sorted.
     """
     if not 0 <= fold < num_folds:
-        raise ValueError(f"data.fold={fold} must be in [0, data.num_folds={num_folds})")
+        raise ValueError(f"fold={fold} must be in [0, num_folds={num_folds})")
     if len(ids) < num_folds:
         raise DataError(
             f"{len(ids)} patients are too few for data.num_folds={num_folds}: "

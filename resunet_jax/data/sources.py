@@ -27,8 +27,6 @@ class Source:
         builder: its prepared `lgg.LggBuilder`.
         patient_ids: every patient of `data_dir`.
         train_ids, val_ids: the patient-level split (both empty when not asked for).
-        eval_ids: patients of the final evaluation: val_ids, or all for eval.split=all
-            (or without a split).
         synthetic: whether `data_dir` holds generated phantom data.
     """
 
@@ -38,7 +36,6 @@ class Source:
     patient_ids: list
     train_ids: list
     val_ids: list
-    eval_ids: list
     synthetic: bool
 
 
@@ -93,8 +90,6 @@ def open_source(config: ml_collections.ConfigDict, workdir: str, split: bool = T
         multihost_utils.sync_global_devices("resunet_jax synthetic data written")
     else:
         data_dir = os.path.abspath(os.path.expanduser(config.data.dir))
-    if config.eval.split not in ("val", "all"):
-        raise ValueError(f"eval.split must be 'val' or 'all', got {config.eval.split!r}")
     slices = lgg.discover(data_dir)
     ids = lgg.patient_ids(slices)
     train_ids, val_ids = [], []
@@ -115,5 +110,4 @@ def open_source(config: ml_collections.ConfigDict, workdir: str, split: bool = T
         len(slices),
         f"{len(train_ids)} train, {len(val_ids)} val patients" if split else "not split",
     )
-    eval_ids = ids if config.eval.split == "all" or not split else val_ids
-    return Source(config, data_dir, builder, ids, train_ids, val_ids, eval_ids, is_synthetic)
+    return Source(config, data_dir, builder, ids, train_ids, val_ids, is_synthetic)

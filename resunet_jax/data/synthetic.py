@@ -46,7 +46,7 @@ def phantom_volume(
         (images uint8 [Z, S, S, 3] with channels pre-contrast, FLAIR, post-contrast;
         masks uint8 [Z, S, S] with values 0 and 255). Every volume has a lesion.
     """
-    # Random scalars stay Python floats so that the arrays stay float32 (about 2x faster).
+    # Random scalars stay Python floats so that the arrays stay float32 (not float64).
     uniform = rng.uniform
     shape = (num_slices, size, size)
     z = np.linspace(-1.0, 1.0, num_slices, dtype=np.float32)[:, None, None]

@@ -1,0 +1,94 @@
+"""Bad config values stop a run before any work, in one line naming the field."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from configs import tiny
+from resunet_jax import config_checks, errors
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _error_lines(log: str) -> list[str]:
+    return [line for line in log.splitlines() if line.startswith("E") and "] " in line]
+
+
+@pytest.mark.parametrize(
+    "field, value, mode",
+    [
+        ("batch_size", 0, "train"),
+        ("batch_size", 6, "train"),  # 4 devices in the tests (conftest.py)
+        ("data.image_size", 36, "train"),  # tiny's model pools 3 times: a multiple of 8
+        ("data.image_size", 0, "eval"),
+        ("data.crop_size", 12, "train"),
+        ("data.crop_size", 64, "train"),  # larger than data.image_size
+        ("data.fold", 3, "train"),  # tiny has 3 folds
+        ("data.num_folds", 1, "train"),
+        ("data.normalization", "z", "eval"),
+        ("data.tumor_fraction", 1.5, "train"),
+        ("num_train_steps", -1, "train"),
+        ("checkpoint_every_steps", 0, "train"),
+        ("ema_decay", 1.0, "train"),
+        ("loss", "l2", "train"),
+        ("optimizer.name", "lamb", "train"),
+        ("optimizer.schedule", "step", "train"),
+        ("model.dtype", "float64", "train"),
+        ("model.deep_supervision", 3, "train"),
+        ("model.no_contrast_expert", True, "train"),
+        ("eval.split", "test", "eval"),
+        ("eval.postprocess", "biggest", "predict"),
+        ("eval.missing_sequences", "flair", "eval"),
+        ("augment.missing_sequences", -0.1, "train"),
+        ("predict.input", "", "predict"),
+    ],
+)
+def test_bad_value_is_refused_naming_the_field(field, value, mode):
+    config = tiny.get_config()
+    node = config
+    *parents, leaf = field.split(".")
+    for p in parents:
+        node = node[p]
+    node[leaf] = value
+    if mode == "predict" and field != "predict.input":
+        config.predict.input = "scans"
+    with pytest.raises(errors.ConfigError, match=rf"^config\.{field}={value!r}: "):
+        config_checks.validate(config, mode)
+
+
+def test_shipped_configs_pass():
+    from configs import resunet
+
+    for mode in config_checks.MODES:
+        for config in (resunet.get_config(), tiny.get_config()):
+            config.predict.input = "scans"
+            config_checks.validate(config, mode)
+
+
+@pytest.mark.parametrize(
+    "flag, field",
+    [
+        ("--config.batch_size=0", "batch_size"),
+        ("--config.batch_size=6", "batch_size"),
+        ("--config.data.image_size=36", "data.image_size"),
+        ("--config.loss=l2", "loss"),
+    ],
+)
+def test_bad_value_through_launch_is_one_line_and_writes_nothing(tmp_path, flag, field):
+    workdir = tmp_path / "run"
+    command = [
+        sys.executable,
+        "launch.py",
+        "--config=configs/tiny.py",
+        f"--workdir={workdir}",
+        f"--config.data.prepared_dir={tmp_path}/prepared",
+        flag,
+    ]
+    proc = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    lines = _error_lines(proc.stderr)
+    assert len(lines) == 1 and f"config.{field}=" in lines[0], proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    assert not os.path.exists(workdir) and not os.path.exists(tmp_path / "prepared")
