@@ -30,10 +30,10 @@ Predictions go back to the input's own axes and are written with its affine and 
 so they overlay the input in any viewer. The in-plane grid is resized to the model's
 input as any .tif slice is (the LGG slices are 256 x 256 whole-head axial slices).
 
-Intensities: the Kaggle slices are 8-bit per volume: each sequence's volume runs from 0
-to a maximum of 191..255, with at most 2 voxels in a million at it and the 99.5th
-percentile at 42..206 (the 82 patients of shared/): min..max scaling, not clipping at a
-percentile. So an 8-bit (uint8) volume is taken as it is, like a uint8 .tif slice, and
+Intensities: the Kaggle slices are 8-bit per volume, each sequence scaled from its
+minimum to near its maximum, with almost no voxels clipped (docs/volumes.md): min..max
+scaling, not clipping at a percentile. So an 8-bit (uint8) volume is taken as it is, like
+a uint8 .tif slice, and
 any other volume is mapped linearly from its minimum..maximum to 0..255 per volume and
 sequence (`to_uint8`), which makes the result independent of the scanner's linear
 scaling.
