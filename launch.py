@@ -1,6 +1,6 @@
 """Trains, evaluates or predicts with a ResUNet; main is intentionally short.
 
-python launch.py --config=configs/resunet.py --workdir=DIR [--mode=train|eval|predict]
+python launch.py --config=configs/resunet.py --workdir=DIR [--mode=train|eval|predict|export]
     [--config.KEY=VALUE ...]
 """
 
@@ -12,7 +12,7 @@ from absl import app, flags, logging
 from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
-from resunet_jax import checkpointing, evaluate, predict, train
+from resunet_jax import checkpointing, evaluate, export, predict, train
 from resunet_jax.data import lgg
 
 FLAGS = flags.FLAGS
@@ -21,9 +21,10 @@ flags.DEFINE_string("workdir", None, "Run directory: checkpoints, logs, reports.
 flags.DEFINE_enum(
     "mode",
     "train",
-    ["train", "eval", "predict"],
-    "train (resumes by itself), eval (restores the best checkpoint, writes WORKDIR/eval/) "
-    "or predict (--config.predict.input=PATH -> WORKDIR/predict/).",
+    ["train", "eval", "predict", "export"],
+    "train (resumes by itself), eval (restores the best checkpoint, writes WORKDIR/eval/), "
+    "predict (--config.predict.input=PATH -> WORKDIR/predict/) or export (the checkpoint "
+    "as ONNX -> WORKDIR/export/model.onnx).",
 )
 flags.mark_flags_as_required(["config", "workdir"])
 
@@ -62,6 +63,7 @@ def main(argv):
         "train": train.train_and_evaluate,
         "eval": evaluate.evaluate_checkpoint,
         "predict": predict.predict,
+        "export": export.export_onnx,
     }[FLAGS.mode]
     try:
         run(config, FLAGS.workdir)

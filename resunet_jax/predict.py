@@ -24,14 +24,12 @@ from absl import logging
 from jax.experimental import multihost_utils
 
 from resunet_jax import (
-    checkpointing,
     context,
     evaluate,
+    export,
     input_pipeline,
-    models,
     parallel,
     postprocess,
-    train,
     visualize,
 )
 from resunet_jax.data import lgg
@@ -201,10 +199,10 @@ def predict(config, workdir: str) -> list[dict]:
     Returns:
         The predictions.csv rows.
     """
-    variables, meta = checkpointing.restore_model(config.checkpoint or workdir)
+    variables, meta = export.restore(config, config.checkpoint or workdir)
     config = evaluate.checkpoint_config(config, meta)
     threshold = meta.get("val_metrics", {}).get("detection_threshold", 0.5)
-    step = train.pmapped_predict_step(models.create_model(config.model), config.eval.flip_tta)
+    step = export.predict_step(config)
     root = config.predict.input
     paths = find_inputs(root)
     base = root if os.path.isdir(root) else os.path.dirname(root)

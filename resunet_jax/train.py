@@ -325,6 +325,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             "complete scans and the one for scans without the pre-contrast on their own and "
             "join them with checkpointing.join_no_contrast_expert"
         )
+    if config.inference.backend != "jax":
+        raise ValueError(
+            "inference.backend=onnx runs an exported model in eval and predict; training "
+            "validates its own weights with the jax backend"
+        )
     source = sources.open_source(config, workdir)
     with checkpointing.workdir_lock(workdir):
         return _train_and_evaluate(source.config, workdir, source)
@@ -471,7 +476,7 @@ def _train_loop(
                 writer.scalar("train/learning_rate", float(lr_fn(step)), step)
         if (step % config.eval_every_steps == 0 or is_last) and not is_preempted:
             ema = state.ema
-            val_metrics, _ = evaluator.run(ema["params"], ema["batch_stats"])
+            val_metrics, _ = evaluator.run(ema)
             logging.info(
                 "step %d validation: dice_per_volume_mean %.4f  dice_tumor_slices_mean %.4f",
                 step,
@@ -482,9 +487,7 @@ def _train_loop(
                 for k, v in val_metrics.items():
                     if isinstance(v, float):
                         writer.scalar(f"val/{k}", v, step)
-                grid = evaluator.results_grid(
-                    ema["params"], ema["batch_stats"], val_metrics["detection_threshold"]
-                )
+                grid = evaluator.results_grid(ema, val_metrics["detection_threshold"])
                 writer.image("val/results_grid", grid, step)
             dice = val_metrics["dice_per_volume_mean"] or 0.0
             if dice > meta["best_dice"]:
