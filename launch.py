@@ -1,6 +1,6 @@
 """Trains, evaluates or predicts with a ResUNet; main is intentionally short.
 
-python launch.py --config=configs/resunet.py --workdir=DIR [--mode=train|eval|predict]
+python launch.py --config=configs/resunet.py --workdir=DIR [--mode=train|eval|predict|export]
     [--config.KEY=VALUE ...]
 """
 
@@ -13,7 +13,7 @@ from absl import app, flags, logging
 from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
-from resunet_jax import config_checks, errors, evaluate, predict, train
+from resunet_jax import config_checks, errors, evaluate, export, predict, train
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config file (ml_collections).")
@@ -22,8 +22,9 @@ flags.DEFINE_enum(
     "mode",
     "train",
     list(config_checks.MODES),
-    "train (resumes by itself), eval (restores the best checkpoint, writes WORKDIR/eval/) "
-    "or predict (--config.predict.input=PATH -> WORKDIR/predict/).",
+    "train (resumes by itself), eval (restores the best checkpoint, writes WORKDIR/eval/), "
+    "predict (--config.predict.input=PATH -> WORKDIR/predict/) or export (the checkpoint "
+    "as ONNX -> WORKDIR/export/model.onnx).",
 )
 flags.mark_flags_as_required(["config", "workdir"])
 
@@ -56,6 +57,7 @@ def main(argv):
         "train": train.train_and_evaluate,
         "eval": evaluate.evaluate_checkpoint,
         "predict": predict.predict,
+        "export": export.export_onnx,
     }[FLAGS.mode]
     try:
         # Before anything is written: a bad value costs one line, not a run.

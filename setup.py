@@ -2,6 +2,10 @@
 
 from setuptools import find_packages, setup
 
+# --mode=export and inference.backend=onnx (the tests export too). jax2onnx 0.13 and later
+# require orbax-checkpoint < 0.11.37, which conflicts with the orbax this project uses.
+ONNX = ["jax2onnx>=0.12.5,<0.13", "onnx>=1.20", "onnxruntime>=1.24"]
+
 setup(
     name="resunet_jax",
     version="0.1.0",
@@ -26,5 +30,5 @@ setup(
         "matplotlib",
         "tensorboard",
     ],
-    extras_require={"test": ["pytest", "pytest-xdist", "ruff"]},
+    extras_require={"onnx": ONNX, "test": ["pytest", "pytest-xdist", "ruff", *ONNX]},
 )

@@ -6,17 +6,23 @@ side (run both in one session, alternating):
 
   python benchmarks/speed.py --device cpu --batch 8 --sizes 128,256
   python benchmarks/speed.py --device gpu --batch 64 --sizes 256 --dtype bfloat16
+  python benchmarks/speed.py --device cpu --batch 8 --sizes 256 --backends jax,onnx
 
 Inputs are random, non-zero, in memory (no TensorFlow is imported, so this also runs
 where TF is absent). The step is the one training uses (pmap over all local devices,
 global-batch loss, Adam), with BCE loss and no detection head, like the torch script.
 Times are medians over `--steps` timed steps after warm-up (compilation excluded).
+With `--backends` including onnx, the same model (same weights) is exported as
+`--mode=export` exports it and its inference on ONNX Runtime (`export.OnnxModel`, the
+onnx backend of eval and predict) is timed too, on one more line ("impl": "onnxruntime",
+no train fields).
 """
 
 import argparse
 import json
 import os
 import sys
+import tempfile
 import time
 
 import numpy as np
@@ -48,13 +54,16 @@ def main():
     p.add_argument("--sizes", default="256")
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--backends", default="jax", help="jax, onnx or jax,onnx")
+    p.add_argument("--threads", type=int, default=0, help="ONNX Runtime threads; 0 = its default")
     args = p.parse_args()
+    backends = args.backends.split(",")
     os.environ.setdefault("JAX_PLATFORMS", args.device)
 
     import jax
 
     from configs import resunet
-    from resunet_jax import models, parallel, train
+    from resunet_jax import checkpointing, export, models, parallel, train
 
     config = resunet.get_config()
     config.model.dtype = args.dtype
@@ -96,11 +105,39 @@ def main():
             "amp_bf16": args.dtype == "bfloat16",
             "compile": True,  # XLA always compiles
         }
-        for name, fn in steps.items():
-            median = _median_seconds(fn, state, batch, args.steps)
-            result[f"{name}_ms_per_step"] = round(1000 * median, 2)
-            result[f"{name}_images_per_s"] = round(args.batch / median, 2)
-        print(json.dumps(result), flush=True)
+        if "jax" in backends:
+            for name, fn in steps.items():
+                median = _median_seconds(fn, state, batch, args.steps)
+                result[f"{name}_ms_per_step"] = round(1000 * median, 2)
+                result[f"{name}_images_per_s"] = round(args.batch / median, 2)
+            print(json.dumps(result), flush=True)
+        if "onnx" in backends:
+            meta = {"step": 0, "config": checkpointing.config_json(config)}
+            with tempfile.TemporaryDirectory() as tmp:
+                export.write_onnx(variables, meta, os.path.join(tmp, "model.onnx"))
+                onnx_model = export.OnnxModel(os.path.join(tmp, "model.onnx"), args.threads)
+            images = np.asarray(batch["image"]).reshape(args.batch, size, size, 3)
+            median = _median_seconds(lambda _, x, m=onnx_model: m(x), None, images, args.steps)
+            print(json.dumps(_onnx_result(result, onnx_model, args.threads, median)), flush=True)
+
+
+def _onnx_result(jax_result: dict, model, threads: int, median: float) -> dict:
+    """The ONNX Runtime line: the JAX line's model and input fields, its own timing."""
+    import onnxruntime as ort
+
+    keep = ("params", "size", "batch")
+    return {
+        "impl": "onnxruntime",
+        "version": ort.__version__,
+        "device": model.session.get_providers()[0],
+        "devices": 1,
+        "threads": threads or os.cpu_count(),
+        **{k: jax_result[k] for k in keep},
+        "amp_bf16": False,
+        "compile": False,
+        "infer_ms_per_step": round(1000 * median, 2),
+        "infer_images_per_s": round(jax_result["batch"] / median, 2),
+    }
 
 
 if __name__ == "__main__":

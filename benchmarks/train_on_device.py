@@ -461,9 +461,7 @@ def export(args):
     step = meta["best_step"] if args.which == "best" else meta["steps"]
     variables = jax.tree.map(np.asarray, _unflatten(weights, args.which))
     source = sources.open_source(config, args.out)
-    val_metrics, _ = evaluate.Evaluator(source, config, source.val_ids).run(
-        variables["params"], variables["batch_stats"]
-    )
+    val_metrics, _ = evaluate.Evaluator(source, config, source.val_ids).run(variables)
     checkpointing.export_model(
         args.out,
         variables,

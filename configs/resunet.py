@@ -151,12 +151,24 @@ def get_config() -> ml_collections.ConfigDict:
     # <name>_pred_prob.nii.gz per volume.
     config.predict.save_probabilities = False
 
-    # Checkpoint to evaluate / predict with ("" = the workdir's best, else latest).
+    # Checkpoint to evaluate / predict with ("" = the workdir's best, else latest); with
+    # inference.backend=onnx an .onnx file, or a folder or workdir holding model.onnx or
+    # export/model.onnx (--mode=export writes WORKDIR/export/model.onnx).
     config.checkpoint = ""
     # Fine-tuning: a new run starts from these weights (a workdir or an exported model
     # such as pretrained/resunet_lgg; same model config) with a fresh optimizer and
     # schedule. Ignored when the workdir already has a checkpoint to resume.
     config.init_checkpoint = ""
+
+    config.inference = ml_collections.ConfigDict()
+    # What runs the model in eval and predict: "jax", or "onnx" (ONNX Runtime on the
+    # graph --mode=export wrote; CPU inference several times faster than XLA's, no JAX
+    # model needed; resunet_jax/export.py).
+    config.inference.backend = "jax"
+
+    config.export = ml_collections.ConfigDict()
+    # --mode=export output (.onnx; a .json beside it); "" = WORKDIR/export/model.onnx.
+    config.export.path = ""
 
     # Multi-host: call jax.distributed.initialize (auto-detects SLURM, TPU pods, ...).
     config.distributed = ml_collections.ConfigDict()

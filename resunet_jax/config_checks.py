@@ -8,11 +8,11 @@ after the data are prepared, an unknown loss after the workdir is made.
 import jax
 import ml_collections
 
-from resunet_jax import input_pipeline, losses, models, postprocess, train
+from resunet_jax import export, input_pipeline, losses, models, postprocess, train
 from resunet_jax.data import sources
 from resunet_jax.errors import ConfigError
 
-MODES = ("train", "eval", "predict")
+MODES = ("train", "eval", "predict", "export")
 
 
 def validate(config: ml_collections.ConfigDict, mode: str) -> None:
@@ -37,6 +37,7 @@ def validate(config: ml_collections.ConfigDict, mode: str) -> None:
     _choices(config, "eval.split", ("val", "all"))
     _choices(config, "eval.postprocess", postprocess.METHODS)
     _choices(config, "eval.missing_sequences", tuple(input_pipeline.MISSING_SEQUENCES))
+    _choices(config, "inference.backend", export.BACKENDS)
 
     for field in (
         "batch_size",
@@ -108,6 +109,15 @@ def validate(config: ml_collections.ConfigDict, mode: str) -> None:
                 "the one for scans without the pre-contrast on their own and join them with "
                 "checkpointing.join_no_contrast_expert",
             )
+        if config.inference.backend != "jax":
+            _fail(
+                config,
+                "inference.backend",
+                "onnx runs an exported model in eval and predict; training validates its "
+                "own weights with the jax backend",
+            )
+    if mode == "export" and config.export.path and not config.export.path.endswith(".onnx"):
+        _fail(config, "export.path", "must end in .onnx")
     if mode == "predict" and not config.predict.input:
         _fail(config, "predict.input", "--mode=predict needs a .tif, or a folder of them")
 

@@ -19,12 +19,11 @@ from absl import logging
 from resunet_jax import (
     checkpointing,
     errors,
+    export,
     input_pipeline,
     metrics,
-    models,
     parallel,
     postprocess,
-    train,
     visualize,
 )
 from resunet_jax.data import sources
@@ -61,21 +60,23 @@ class Evaluator:
     Args:
         source: the prepared data source.
         config: run config (model, data.image_size, data.normalization,
-            data.context_slices, eval.batch_size).
+            data.context_slices, eval.batch_size, inference.backend).
         patient_ids: patients to evaluate.
+
+    The methods take the model as `export.restore` returns it: {"params",
+    "batch_stats"} of the JAX model, or an ONNX Runtime model (inference.backend=onnx).
     """
 
     def __init__(self, source: sources.Source, config, patient_ids):
         devices = jax.local_device_count()
         self.batch_size = -(-config.eval.batch_size // devices) * devices
-        model = models.create_model(config.model)
-        self.step = train.pmapped_predict_step(model, config.eval.flip_tta)
+        self.step = export.predict_step(config)
         self.postprocess = config.eval.postprocess
         self.dataset = input_pipeline.create_eval_dataset(
             source.builder, patient_ids, config, self.batch_size
         )
 
-    def predict(self, params, batch_stats) -> dict:
+    def predict(self, variables) -> dict:
         """Per-slice values of every slice, judged at the slice's original size.
 
         Returns:
@@ -84,7 +85,6 @@ class Evaluator:
             gate)} [N], and "pred_mask", "true_mask" [N, H, W] bool, H x W the largest
             slice (smaller ones padded with False).
         """
-        variables = {"params": params, "batch_stats": batch_stats}
         columns = collections.defaultdict(list)
         for batch in input_pipeline.as_numpy(self.dataset):
             padded, n = parallel.pad_batch({"image": batch["image"]}, self.batch_size)
@@ -112,7 +112,7 @@ class Evaluator:
             ]
         return {k: np.concatenate(v) for k, v in columns.items()}
 
-    def run(self, params, batch_stats, threshold: float | None = None) -> tuple[dict, dict]:
+    def run(self, variables, threshold: float | None = None) -> tuple[dict, dict]:
         """Evaluates; `threshold` None selects the detection threshold on these patients.
 
         Metrics follow `eval.postprocess`; `metrics["postprocess_comparison"]` gives the
@@ -121,7 +121,7 @@ class Evaluator:
         Returns:
             (metrics, per-patient rows) as `metrics.summarize` defines them.
         """
-        cols = self.predict(params, batch_stats)
+        cols = self.predict(variables)
         true_tumor = cols["true_area"] > 0
         if threshold is None:
             threshold = metrics.select_threshold(cols["tumor_prob"], true_tumor)
@@ -144,10 +144,9 @@ class Evaluator:
         }
         return summary, patients
 
-    def results_grid(self, params, batch_stats, threshold: float, num_rows: int = 6):
+    def results_grid(self, variables, threshold: float, num_rows: int = 6):
         """The results grid (visualize.results_grid) of the first `num_rows` slices:
         half with tumour (one per patient while possible), half without."""
-        variables = {"params": params, "batch_stats": batch_stats}
         want_tumor, want_clean = num_rows - num_rows // 2, num_rows // 2
         rows, patients_shown = [], set()
         for batch in input_pipeline.as_numpy(self.dataset):
@@ -309,7 +308,8 @@ def patients_to_evaluate(source: sources.Source, train_patients) -> tuple[list, 
 def evaluate_checkpoint(config, workdir: str, source: sources.Source | None = None) -> dict:
     """Restores a checkpoint, evaluates it on `eval.split`, and writes `workdir/eval/`.
 
-    The checkpoint is `config.checkpoint` if set, else the workdir's best (else latest).
+    The checkpoint is `config.checkpoint` if set, else the workdir's best (else latest);
+    with inference.backend=onnx, the exported model there (`export.find_onnx`).
 
     Args:
         config: run config.
@@ -322,7 +322,7 @@ def evaluate_checkpoint(config, workdir: str, source: sources.Source | None = No
     if jax.process_index() == 0:  # before the evaluation, not after it
         checkpointing.check_writable(workdir)
     path = config.checkpoint or workdir
-    variables, meta = checkpointing.restore_model(path)
+    variables, meta = export.restore(path, config.inference.backend)
     config = checkpoint_config(source.config if source else config, meta)
     # With the list of training patients the k-fold split is not needed, so a folder
     # of fewer patients than data.num_folds (a user's own two, say) can be scored.
@@ -331,7 +331,7 @@ def evaluate_checkpoint(config, workdir: str, source: sources.Source | None = No
     evaluator = Evaluator(source, config, patient_ids)
     # The detection threshold chosen on the validation patients during training.
     threshold = meta.get("val_metrics", {}).get("detection_threshold", 0.5)
-    summary, patients = evaluator.run(variables["params"], variables["batch_stats"], threshold)
+    summary, patients = evaluator.run(variables, threshold)
     summary.update(
         checkpoint_step=int(meta["step"]),
         checkpoint=os.path.abspath(path),
@@ -343,7 +343,7 @@ def evaluate_checkpoint(config, workdir: str, source: sources.Source | None = No
         patients_seen_in_training=len(seen),
     )
     if jax.process_index() == 0:
-        grid = evaluator.results_grid(variables["params"], variables["batch_stats"], threshold)
+        grid = evaluator.results_grid(variables, threshold)
         write_report(os.path.join(workdir, "eval"), summary, patients, grid)
     logging.info(
         "Evaluation of step %d on %d patients: %s",

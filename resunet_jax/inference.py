@@ -27,7 +27,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from resunet_jax import checkpointing, context, evaluate, models, parallel, postprocess, train
+from resunet_jax import context, evaluate, export, models, parallel, postprocess, train
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,23 +62,33 @@ class Predictor:
     def __init__(self, model, variables, config: ml_collections.ConfigDict, threshold: float):
         self.config = config
         self.threshold = threshold
-        self.variables = jax.device_put(variables)  # once, not with every batch
         self.batch_size = config.eval.batch_size
-        self.postprocess = config.eval.get("postprocess", "none")
-        flip_tta = config.eval.get("flip_tta", False)
-        self._infer = jax.jit(functools.partial(train.infer, model, flip_tta=flip_tta))
+        self.postprocess = config.eval.postprocess
+        self.flip_tta = config.eval.flip_tta
+        self.onnx = None
+        if isinstance(variables, export.OnnxModel):  # the graph holds its own weights
+            self.onnx = variables
+        else:
+            self.variables = jax.device_put(variables)  # once, not with every batch
+            self._infer = jax.jit(functools.partial(train.infer, model, flip_tta=self.flip_tta))
 
     @classmethod
-    def from_checkpoint(cls, path: str, config: ml_collections.ConfigDict | None = None):
-        """Restores a workdir, checkpoint or exported model (`checkpointing.restore_model`).
+    def from_checkpoint(
+        cls, path: str, config: ml_collections.ConfigDict | None = None, backend: str = ""
+    ):
+        """Restores a workdir, checkpoint or exported model (`export.restore`).
 
         Args:
-            path: the checkpoint.
+            path: the checkpoint; with the onnx backend an .onnx file or a folder holding
+                `model.onnx` (`export.find_onnx`).
             config: run config for the evaluation settings (`eval.*`); the model-defining
                 fields always come from the checkpoint (`evaluate.checkpoint_config`).
                 None: the checkpoint's own config.
+            backend: "jax" or "onnx" (ONNX Runtime); "" = `config.inference.backend`, or
+                "jax" without a config.
         """
-        variables, meta = checkpointing.restore_model(path)
+        backend = backend or (config.inference.backend if config is not None else "jax")
+        variables, meta = export.restore(path, backend)
         config = evaluate.checkpoint_config(
             config or ml_collections.ConfigDict(meta["config"]), meta
         )
@@ -131,8 +141,12 @@ class Predictor:
             batch, n = parallel.pad_batch(
                 {"image": inputs[start : start + self.batch_size]}, self.batch_size
             )
-            mask, tumor = jax.device_get(self._infer(self.variables, batch["image"]))
-            masks.append(mask[:n, ..., 0])
+            if self.onnx is not None:
+                mask, tumor = self.onnx(batch["image"], self.flip_tta)
+            else:
+                mask, tumor = jax.device_get(self._infer(self.variables, batch["image"]))
+                mask = mask[..., 0]
+            masks.append(mask[:n])
             tumors.append(tumor[:n])
         return np.concatenate(masks), np.concatenate(tumors)
 

@@ -121,11 +121,11 @@ class ResUNet(nn.Module):
         x = nn.relu(nn.Conv(self.stem_features, (3, 3), dtype=self.dtype, name="stem_conv2")(x))
         x = norm("stem_bn2")(x)
         skips = [x]
-        x = nn.max_pool(x, (2, 2), strides=(2, 2))
+        x = nn.max_pool(x, window_shape=(2, 2), strides=(2, 2))
         for i, f in enumerate(self.features):
             x = ResBlock(f, self.dtype, self.axis_name, name=f"encoder{i}")(x, train)
             skips.append(x)
-            x = nn.max_pool(x, (2, 2), strides=(2, 2))
+            x = nn.max_pool(x, window_shape=(2, 2), strides=(2, 2))
         x = ResBlock(self.bottleneck_features, self.dtype, self.axis_name, name="bottleneck")(
             x, train
         )

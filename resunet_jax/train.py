@@ -461,7 +461,7 @@ def _train_loop(
         val_metrics = None
         if (step % config.eval_every_steps == 0 or is_last) and not is_preempted:
             ema = state.ema
-            val_metrics, _ = evaluator.run(ema["params"], ema["batch_stats"])
+            val_metrics, _ = evaluator.run(ema)
             logging.info(
                 "step %d validation: dice_per_volume_mean %.4f  dice_tumor_slices_mean %.4f",
                 step,
@@ -472,9 +472,7 @@ def _train_loop(
                 for k, v in val_metrics.items():
                     if isinstance(v, float):
                         writer.scalar(f"val/{k}", v, step)
-                grid = evaluator.results_grid(
-                    ema["params"], ema["batch_stats"], val_metrics["detection_threshold"]
-                )
+                grid = evaluator.results_grid(ema, val_metrics["detection_threshold"])
                 writer.image("val/results_grid", grid, step)
         # A validated step is always saved, with its metrics: the best checkpoint is
         # the kept step that scored highest, so it needs no save of its own.

@@ -16,7 +16,8 @@ def test_masks_are_judged_at_the_slices_original_size(tiny_data, tmp_path):
     ids = lgg.patient_ids(slices)[:2]
     source = types.SimpleNamespace(builder=lgg.prepare(tiny_data, str(tmp_path), slices))
     state = train.create_train_state(jax.random.key(0), config, models.create_model(config.model))
-    cols = evaluate.Evaluator(source, config, ids).predict(state.params, state.batch_stats)
+    variables = {"params": state.params, "batch_stats": state.batch_stats}
+    cols = evaluate.Evaluator(source, config, ids).predict(variables)
 
     assert cols["pred_mask"].shape == cols["true_mask"].shape == (12, 32, 32)
     truth = {(s.patient_id, s.index): lgg.read_slice(s)[1] > 0 for s in slices}

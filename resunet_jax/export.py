@@ -1,0 +1,313 @@
+"""ONNX export of a checkpoint's inference network, and ONNX Runtime as a predict backend.
+
+`--mode=export` writes the model of a checkpoint (`config.checkpoint`, else the
+workdir's best) to `WORKDIR/export/model.onnx` (or `export.path`): one graph from
+normalised model inputs [b, S, S, C] float32 (NHWC, batch dynamic) to the pixel tumour
+probabilities [b, S, S] ("mask") and the slice tumour probabilities [b] ("tumor"),
+BatchNorm in inference form, and with `model.no_contrast_expert` both networks and
+their per-slice routing by the pre-contrast channel (models.NoContrastRouted). What the
+graph expects and how to read its outputs (input size and channels, normalisation,
+detection threshold) and the checkpoint's meta (config, step, validation metrics,
+training patients) are in its metadata_props, and in a JSON beside it for reading
+without ONNX.
+
+With `inference.backend=onnx`, eval and predict run that graph on ONNX Runtime instead
+of the JAX model (`restore`, `predict_step`).
+"""
+
+import contextlib
+import io
+import json
+import logging as pylogging
+import os
+import tempfile
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+
+from resunet_jax import checkpointing, models, train
+
+BACKENDS = ("jax", "onnx")  # config.inference.backend
+ONNX_NAME = "model.onnx"
+# metadata_props keys.
+META_KEY = "resunet_jax.meta"
+CARD_KEY = "resunet_jax.card"
+INPUT_NAME = "image"
+OUTPUT_NAMES = ("mask", "tumor")
+CHANNELS = ("pre-contrast", "FLAIR", "post-contrast")
+NORMALIZATION = {
+    "scale": "x / 255 per channel",
+    "slice": "each channel z-scored by the slice's mean and std",
+    "volume": "each channel z-scored by its patient's brain-pixel mean and std",
+}
+
+
+def model_card(meta: dict) -> dict:
+    """What a user of the exported graph needs besides it: preprocessing, outputs, rules.
+
+    Args:
+        meta: the checkpoint's meta ("config", "step", "val_metrics", ...).
+    """
+    data, model = meta["config"]["data"], meta["config"]["model"]
+    size, k = data["image_size"], data.get("context_slices", 0)
+    card = {
+        "input": {
+            "name": INPUT_NAME,
+            "shape": ["batch", size, size, models.input_channels(data)],
+            "dtype": "float32",
+            "layout": "NHWC",
+            "channels": list(CHANNELS) * (2 * k + 1),
+            "context_slices": k,
+            "image_size": size,
+            "resize": f"each slice bilinearly resized to {size}x{size}; the mask "
+            "probabilities bilinearly resized back to the slice's size",
+            "normalization": data["normalization"],
+            "normalization_rule": NORMALIZATION[data["normalization"]],
+            "missing_sequence": "a sequence not acquired is filled with the FLAIR",
+        },
+        "outputs": {
+            "mask": "[batch, S, S] float32 pixel tumour probability; tumour where >= 0.5",
+            "tumor": "[batch] float32 slice tumour probability",
+        },
+        "detection_threshold": meta.get("val_metrics", {}).get("detection_threshold", 0.5),
+        "detection_rule": "a slice whose tumor probability is below detection_threshold "
+        "gets an empty mask",
+        "step": int(meta["step"]),
+    }
+    if model.get("no_contrast_expert", False):
+        card["routing"] = (
+            "two networks; a slice whose pre-contrast channel equals its FLAIR (to 1e-3 of "
+            "its scale) is predicted by the no-contrast network, every other by the "
+            "complete network (both inside the graph)"
+        )
+    return card
+
+
+def export_onnx(config, workdir: str) -> str:
+    """Writes the checkpoint's model as ONNX (`--mode=export`) and a JSON beside it.
+
+    The checkpoint is `config.checkpoint`, else the workdir's best (else latest).
+
+    Returns:
+        The path of the written .onnx: `export.path`, else WORKDIR/export/model.onnx.
+
+    Raises:
+        FileNotFoundError: no checkpoint at the path.
+    """
+    path = config.checkpoint or workdir
+    out = config.export.path or os.path.join(workdir, "export", ONNX_NAME)
+    variables, meta = checkpointing.restore_model(path)
+    write_onnx(variables, meta, out)
+    logging.info("Exported %s step %d to %s", path, int(meta["step"]), out)
+    return out
+
+
+def write_onnx(variables: dict, meta: dict, path: str):
+    """Writes a model as `path` (.onnx, `to_onnx`) with its meta and card in the
+    metadata_props, and both as JSON beside it (`path` with .json for .onnx).
+
+    Args:
+        variables: {"params", "batch_stats"}.
+        meta: the checkpoint's meta; its "config" defines the model and its input.
+        path: the .onnx to write.
+    """
+    import onnx
+
+    proto = to_onnx(variables, meta)
+    card = model_card(meta)
+    onnx.helper.set_model_props(proto, {META_KEY: json.dumps(meta), CARD_KEY: json.dumps(card)})
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    onnx.save(proto, path + ".tmp")
+    os.replace(path + ".tmp", path)
+    with open(path[: -len(".onnx")] + ".json", "w") as f:
+        json.dump({"model_card": card, "meta": meta}, f, indent=2)
+
+
+def to_onnx(variables: dict, meta: dict):
+    """The inference network of a checkpoint as an ONNX ModelProto (no metadata).
+
+    The network computes in float32 whatever `model.dtype` (ONNX Runtime's CPU kernels
+    have no bfloat16 convolution). jax2onnx traces `train.infer` (the probabilities eval
+    and predict use) with the variables as constants and a symbolic batch dimension.
+    ONNX Runtime's basic graph optimisation (hardware-independent, standard ONNX
+    operators only) then folds the BatchNorms that follow a convolution into its
+    weights, folds constants and removes most of the layout Transposes jax2onnx puts
+    around NHWC operations.
+
+    Args:
+        variables: {"params", "batch_stats"}.
+        meta: the checkpoint's meta; its "config" defines the model and its input.
+    """
+    import jax2onnx
+    import onnx
+    import onnxruntime as ort
+
+    model_config = dict(meta["config"]["model"], dtype="float32")
+    data_config = meta["config"]["data"]
+    model = models.create_model(model_config, axis_name=None)
+    size = data_config["image_size"]
+    variables = jax.tree.map(jnp.asarray, variables)
+
+    def probabilities(images):
+        mask, tumor = train.infer(model, variables, images)
+        return mask[..., 0], tumor
+
+    # jax2onnx 0.12 prints debug lines from its flax.linen Conv plugin, warns with a
+    # traceback about plugins of other libraries (dm_pix) it cannot load under this jax,
+    # and onnx_ir warns once per shape-only value it leaves untyped (harmless: ONNX infers
+    # them). None of it concerns this graph.
+    quiet = [pylogging.getLogger(n) for n in ("onnx_ir.serde", "jax2onnx.plugins.plugin_system")]
+    levels = [log.level for log in quiet]
+    for log in quiet:
+        log.setLevel(pylogging.ERROR)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            proto = jax2onnx.to_onnx(
+                probabilities,
+                [("B", size, size, models.input_channels(data_config))],
+                model_name="resunet",
+                input_names=[INPUT_NAME],
+                output_names=list(OUTPUT_NAMES),
+            )
+    finally:
+        for log, level in zip(quiet, levels, strict=True):
+            log.setLevel(level)
+    # jax2onnx annotates some NHWC intermediates with NCHW shapes, which ONNX Runtime
+    # warns about; the shapes are inferred again from the graph.
+    del proto.graph.value_info[:]
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    with tempfile.TemporaryDirectory(prefix="resunet_onnx_") as tmp:
+        raw, optimized = os.path.join(tmp, "raw.onnx"), os.path.join(tmp, "basic.onnx")
+        onnx.save(proto, raw)
+        options.optimized_model_filepath = optimized
+        ort.InferenceSession(raw, options, providers=["CPUExecutionProvider"])
+        proto = onnx.load(optimized)
+    # ONNX Runtime declares all its operator domains; keep those the graph uses.
+    used = {node.domain for node in proto.graph.node}
+    kept = [o for o in proto.opset_import if o.domain in used]
+    del proto.opset_import[:]
+    proto.opset_import.extend(kept)
+    proto = onnx.shape_inference.infer_shapes(proto)
+    onnx.checker.check_model(proto)
+    return proto
+
+
+def find_onnx(path: str) -> str:
+    """The exported model that `path` names: an .onnx file, a folder holding model.onnx
+    (pretrained/resunet_lgg), or a workdir holding export/model.onnx.
+
+    Raises:
+        checkpointing.CheckpointError: none of these.
+    """
+    candidates = [os.path.join(path, ONNX_NAME), os.path.join(path, "export", ONNX_NAME)]
+    if path.endswith(".onnx"):
+        candidates = [path]
+    for candidate in candidates:
+        if os.path.isfile(candidate):
+            return candidate
+    raise checkpointing.CheckpointError(
+        f"{path}: no ONNX model (looked for {' and '.join(candidates)}); write one with "
+        "--mode=export, or use --config.inference.backend=jax"
+    )
+
+
+class OnnxModel:
+    """An exported model on ONNX Runtime, called like the JAX model in `train.infer`.
+
+    Args:
+        path: the .onnx file (`export_onnx`).
+        threads: ONNX Runtime's intra-op threads; 0 = its default (one per core).
+
+    Attributes:
+        meta: the checkpoint's meta (config, step, val_metrics, ...).
+        card: the model card (`model_card`).
+    """
+
+    def __init__(self, path: str, threads: int = 0):
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        # Idle threads wait instead of spinning, which would take the cores from the work
+        # running alongside (eval's input pipeline, other jobs): 20 against 14-16 images/s
+        # for the shipped model at 128 px, batch 32, on a shared 2-core machine.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        self.path = path
+        # CUDA where onnxruntime-gpu provides it, else the CPU. Not all that are available:
+        # the CPU wheel lists AzureExecutionProvider (remote endpoints) first.
+        available = ort.get_available_providers()
+        providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
+        self.session = ort.InferenceSession(path, options, providers=providers)
+        props = self.session.get_modelmeta().custom_metadata_map
+        if META_KEY not in props:
+            raise checkpointing.CheckpointError(
+                f"{path}: not exported by resunet_jax (no {META_KEY} in its metadata)"
+            )
+        self.meta = json.loads(props[META_KEY])
+        self.card = json.loads(props[CARD_KEY])
+
+    def __call__(self, images, flip_tta: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """Pixel and slice tumour probabilities, as `train.infer` computes them.
+
+        Args:
+            images: [b, S, S, C] float32 model inputs.
+            flip_tta: also predict the left-right mirrored slices and average.
+
+        Returns:
+            (mask probabilities [b, S, S], tumour probabilities [b]), float32.
+        """
+        images = np.asarray(images, np.float32)
+        mask, tumor = self.session.run(list(OUTPUT_NAMES), {INPUT_NAME: images})
+        if flip_tta:
+            mirrored, mirrored_tumor = self.session.run(
+                list(OUTPUT_NAMES), {INPUT_NAME: np.ascontiguousarray(images[:, :, ::-1])}
+            )
+            mask = 0.5 * (mask + mirrored[:, :, ::-1])
+            tumor = 0.5 * (tumor + mirrored_tumor)
+        return mask, tumor
+
+
+def restore(path: str, backend: str = "jax"):
+    """The model that eval and predict run on `backend`, and its meta.
+
+    Args:
+        path: a workdir or checkpoint (jax); an .onnx file, or a folder or workdir
+            holding one (`find_onnx`; onnx).
+        backend: `config.inference.backend`, "jax" or "onnx".
+
+    Returns:
+        (model, meta): model is {"params", "batch_stats"} (jax) or an `OnnxModel`
+        (onnx), what `predict_step`'s step takes in place of the JAX variables.
+    """
+    if backend == "jax":
+        return checkpointing.restore_model(path)
+    model = OnnxModel(find_onnx(path))
+    logging.info("Predicting with %s on ONNX Runtime (step %d)", model.path, model.meta["step"])
+    return model, model.meta
+
+
+def predict_step(config):
+    """The predict step of `config.inference.backend`, with the pmapped step's contract.
+
+    Returns:
+        step(model, batch) -> (None, {"mask": [devices, b, S, S], "tumor": [devices, b]})
+        for batch {"image": [devices, b, S, S, C]} and `model` from `restore`:
+        `train.pmapped_predict_step` of `config.model` (jax), or the ONNX Runtime model
+        called on the host (onnx; it holds its weights).
+    """
+    flip_tta = config.eval.flip_tta
+    if config.inference.backend == "jax":
+        return train.pmapped_predict_step(models.create_model(config.model), flip_tta)
+
+    def onnx_step(model: OnnxModel, batch):
+        images = np.asarray(batch["image"])
+        mask, tumor = model(images.reshape(-1, *images.shape[2:]), flip_tta)
+        return None, {
+            "mask": mask.reshape(images.shape[:2] + mask.shape[1:]),
+            "tumor": tumor.reshape(images.shape[:2]),
+        }
+
+    return onnx_step
