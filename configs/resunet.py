@@ -48,10 +48,6 @@ def get_config() -> ml_collections.ConfigDict:
     config.data.prepared_dir = ""
     # Model input side; slices are resized to it. None = defaults.lgg / defaults.synthetic.
     config.data.image_size = config_dict.placeholder(int)
-    # Training crop side (None = whole slices): the net is fully convolutional, so it
-    # trains on random crop_size crops of image_size slices and predicts whole slices:
-    # image_size resolution at crop_size cost per training image.
-    config.data.crop_size = config_dict.placeholder(int)
     config.data.num_folds = 5  # patient-level k-fold split ...
     config.data.fold = 0  # ... and the fold used for validation
     config.data.split_seed = 0  # patient permutation of the split
@@ -64,13 +60,12 @@ def get_config() -> ml_collections.ConfigDict:
     config.data.shuffle_buffer = 1024
     # Share of training slices drawn from slices with tumour; None = natural (~35%).
     config.data.tumor_fraction = 0.5
-    # Among tumour slices, draw each with probability ∝ 1 + w · (tumour area / mean area)
-    # (Buda et al.: ∝ area plus a uniform part); 0 = uniformly. Needs tumor_fraction.
-    config.data.tumor_area_weight = 0.0
-    # Train on each resized pixel's tumour share (soft targets) instead of the mask
-    # thresholded at half: keeps the boundary's sub-pixel position that scoring at the
-    # slice's own size asks for.
-    config.data.soft_masks = False
+    # Where training batches come from: "tfdata" streams the prepared data through
+    # tf.data (each process its shard); "device" keeps the training split in every
+    # device's memory as uint8 and samples it inside the train step (accelerators,
+    # machines without TensorFlow; the split must fit: 82 LGG patients at 256 px take
+    # 0.8 GB). Both augment on the device, in the step.
+    config.data.pipeline = "tfdata"
 
     # Synthetic phantom data (used when data.dir is empty).
     config.synthetic = ml_collections.ConfigDict()
@@ -79,32 +74,20 @@ def get_config() -> ml_collections.ConfigDict:
     config.synthetic.size = 128  # side of the generated slices
     config.synthetic.seed = 0
 
+    # Drawn per example and applied on the devices inside the train step
+    # (resunet_jax/augment.py). Strong, against overfitting the few training patients
+    # (docs/experiments.md compares milder settings and the variants dropped).
     config.augment = ml_collections.ConfigDict()
-    # Strong augmentation, against overfitting the few training patients
-    # (docs/experiments.md compares milder settings).
     config.augment.flip = True  # left-right
     config.augment.rotate_degrees = 20.0  # uniform in [-r, r]
     config.augment.scale = 0.2  # zoom uniform in [1-s, 1+s]
     config.augment.intensity = 0.2  # per-channel gain uniform in [1-i, 1+i]
     config.augment.gamma = 0.35  # per-channel gamma: x -> x^γ, log γ uniform in [-g, g]
-    # Elastic deformation: smooth random displacements (std = elastic x the side, at a
-    # 5 x 5 grid of control points, interpolated); 0 = off.
-    config.augment.elastic = 0.0
-    # Scanner quality (nnU-Net's blur and noise): a Gaussian blur with σ uniform in
-    # [0, blur] pixels at the model's resolution, and noise inside the head with a std
-    # uniform in [0, noise] x the slice channel's mean head intensity; 0 = off.
-    config.augment.blur = 0.0
-    config.augment.noise = 0.0
     # Missing sequences: with this probability a training slice loses its pre-contrast,
     # its post-contrast or both (equally likely), each replaced by its FLAIR, as the LGG
     # data fill a sequence that was not acquired (some patients lack one). Without it the
     # model needs all three sequences (docs/experiments.md). 0 = off.
     config.augment.missing_sequences = 0.0
-    # Tumour copy-paste (TumorCP): with this probability a training slice receives the
-    # tumour of the next slice in its batch (its pixels under that slice's mask, where
-    # this slice has head) and the union of both masks, after both are warped. Raises
-    # the share of tumour slices (to ~0.5 + p/4 with tumor_fraction 0.5). 0 = off.
-    config.augment.tumor_paste = 0.0
 
     config.loss = "dice_bce"  # focal_tversky (the seed's) | dice | bce | dice_bce | slice_dice_bce
     config.detection_loss_weight = 0.5  # weight of the detection head's BCE

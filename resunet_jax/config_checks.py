@@ -8,7 +8,7 @@ after the data are prepared, an unknown loss after the workdir is made.
 import jax
 import ml_collections
 
-from resunet_jax import export, input_pipeline, losses, models, postprocess, train
+from resunet_jax import export, losses, models, postprocess, preprocess, train
 from resunet_jax.data import sources
 from resunet_jax.errors import ConfigError
 
@@ -33,10 +33,11 @@ def validate(config: ml_collections.ConfigDict, mode: str) -> None:
     _choices(config, "optimizer.name", train.OPTIMIZERS)
     _choices(config, "optimizer.schedule", train.SCHEDULES)
     _choices(config, "model.dtype", models.DTYPES)
-    _choices(config, "data.normalization", input_pipeline.NORMALIZATIONS)
+    _choices(config, "data.normalization", preprocess.NORMALIZATIONS)
+    _choices(config, "data.pipeline", train.PIPELINES)
     _choices(config, "eval.split", ("val", "all"))
     _choices(config, "eval.postprocess", postprocess.METHODS)
-    _choices(config, "eval.missing_sequences", tuple(input_pipeline.MISSING_SEQUENCES))
+    _choices(config, "eval.missing_sequences", tuple(preprocess.MISSING_SEQUENCES))
     _choices(config, "inference.backend", export.BACKENDS)
 
     for field in (
@@ -60,17 +61,13 @@ def validate(config: ml_collections.ConfigDict, mode: str) -> None:
         "optimizer.learning_rate",
         "optimizer.grad_clip_norm",
         "data.context_slices",
-        "data.tumor_area_weight",
         "augment.rotate_degrees",
         "augment.scale",
         "augment.intensity",
         "augment.gamma",
-        "augment.elastic",
-        "augment.blur",
-        "augment.noise",
     ):
         _at_least(config, field, 0)
-    for field in ("augment.missing_sequences", "augment.tumor_paste", "data.tumor_fraction"):
+    for field in ("augment.missing_sequences", "data.tumor_fraction"):
         _probability(config, field)
     if not 0 <= config.ema_decay < 1:
         _fail(config, "ema_decay", "must be in [0, 1)")
@@ -83,12 +80,13 @@ def validate(config: ml_collections.ConfigDict, mode: str) -> None:
     # The network pools 2x2 once after the stem and once after each encoder block.
     depth = len(config.model.features) + 1
     side = 2**depth
-    for field in ("data.image_size", "data.crop_size"):
-        value = _get(config, field)
-        if value is not None and (value < side or value % side):
-            _fail(config, field, f"must be a positive multiple of {side} (2 ** {depth} poolings)")
-    if config.data.crop_size is not None and config.data.crop_size > config.data.image_size:
-        _fail(config, "data.crop_size", f"must not exceed data.image_size={config.data.image_size}")
+    size = config.data.image_size
+    if size is not None and (size < side or size % side):
+        _fail(
+            config,
+            "data.image_size",
+            f"must be a positive multiple of {side} (2 ** {depth} poolings)",
+        )
     if not 0 <= config.model.deep_supervision < depth:
         _fail(config, "model.deep_supervision", f"must be in [0, {depth - 1}]")
 

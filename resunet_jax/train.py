@@ -19,7 +19,16 @@ import optax
 from absl import logging
 from flax.training import train_state
 
-from resunet_jax import checkpointing, errors, losses, metrics, models, parallel
+from resunet_jax import (
+    augment,
+    checkpointing,
+    device_source,
+    errors,
+    losses,
+    metrics,
+    models,
+    parallel,
+)
 
 
 class TrainState(train_state.TrainState):
@@ -38,6 +47,7 @@ class TrainState(train_state.TrainState):
 
 
 OPTIMIZERS = ("adam", "adamw", "sgd")  # config.optimizer.name
+PIPELINES = ("tfdata", "device")  # config.data.pipeline
 SCHEDULES = ("cosine", "constant")  # config.optimizer.schedule
 
 
@@ -144,6 +154,8 @@ def train_step(
     batch,
     *,
     loss_fn,
+    prepare=None,
+    seed: int = 0,
     detection_weight: float = 0.0,
     ema_decay: float = 0.0,
     axis_name=parallel.AXIS_NAME,
@@ -152,9 +164,15 @@ def train_step(
 
     Args:
         state: TrainState, identical on all devices.
-        batch: {"image": [b, S, S, 3] float32, "mask": [b, S, S, 1] {0, 1}, or the
-            tumour's share of each pixel in [0, 1] (`data.soft_masks`)}.
+        batch: what the batch source yields for this device (`prepare` makes the model's
+            batch of it), or with `prepare` None the model's batch itself: {"image":
+            [b, S, S, C] float32, "mask": [b, S, S, 1] {0, 1}}.
         loss_fn: a `losses` function taking (logits, masks, axis_name).
+        prepare: `prepare(key, batch) -> model batch`: sampling (device source) and
+            augmentation (`batch_preparation`), with the step's key, which is `seed`
+            folded with the step number, so that a resumed run draws what an
+            uninterrupted one would.
+        seed: `config.seed`.
         detection_weight: weight of the detection head's slice-level BCE (0: no head).
         ema_decay: decay of `state.ema`, capped early on at (1 + step) / (10 + step)
             (as tf.train.ExponentialMovingAverage's num_updates) so that the average
@@ -164,7 +182,8 @@ def train_step(
     Returns:
         (new state, metrics): metrics are global-batch scalars {"loss", "dice"}.
     """
-    # Soft masks are scored (and detected) as the binary mask they would threshold to.
+    if prepare is not None:
+        batch = prepare(jax.random.fold_in(jax.random.key(seed), state.step), batch)
     binary_mask = batch["mask"] >= 0.5
     has_tumor = jnp.any(binary_mask, axis=(1, 2, 3))
 
@@ -203,6 +222,47 @@ def train_step(
     totals = jax.lax.psum({k: jnp.sum(v) for k, v in counts.items()}, axis_name)
     dice = 2 * totals["intersection"] / jnp.maximum(totals["pred_area"] + totals["true_area"], 1)
     return new_state, {"loss": loss, "dice": dice}
+
+
+def batch_preparation(config: ml_collections.ConfigDict, axis_name=parallel.AXIS_NAME):
+    """The train step's first stage for `config.data.pipeline`: source batch -> model batch.
+
+    "tfdata": the device's uint8 slices are augmented and normalised. "device": the
+    resident training split (`device_source.put`) is sampled first, each example by its
+    own key, so the global batch is the same on any number of devices.
+
+    Returns:
+        `prepare(key, batch)` for `train_step`.
+    """
+    per_device = config.batch_size // jax.device_count()
+
+    def prepare(key, batch):
+        keys = augment.example_keys(key, per_device, axis_name)
+        if config.data.pipeline == "device":
+            pick = jax.vmap(lambda k: jax.random.fold_in(k, 1))(keys)
+            batch = device_source.sample(pick, batch, config.data.tumor_fraction)
+        return augment.augment_batch(keys, batch, config.augment, config.data.normalization)
+
+    return prepare
+
+
+def pmapped_train_step(config: ml_collections.ConfigDict, prepare: bool = True):
+    """`train_step` for `config` (loss, detection head, moving average, seed), pmap-ed.
+
+    Args:
+        config: run config.
+        prepare: start from what `config.data.pipeline`'s source yields
+            (`batch_preparation`); False: from ready model batches.
+    """
+    step = functools.partial(
+        train_step,
+        loss_fn=losses.get_loss(config.loss),
+        prepare=batch_preparation(config) if prepare else None,
+        seed=config.seed,
+        detection_weight=config.detection_loss_weight if config.model.detection_head else 0.0,
+        ema_decay=config.ema_decay,
+    )
+    return parallel.pmap_step(step)
 
 
 def infer(model, variables, images, flip_tta: bool = False):
@@ -280,17 +340,6 @@ def check_patients_left_to_validate(source, train_patients: list) -> None:
     evaluate.patients_to_evaluate(source, train_patients)  # its refusal, before training
 
 
-@functools.cache
-def pmapped_train_step(loss_name: str, detection_weight: float = 0.0, ema_decay: float = 0.0):
-    step = functools.partial(
-        train_step,
-        loss_fn=losses.get_loss(loss_name),
-        detection_weight=detection_weight,
-        ema_decay=ema_decay,
-    )
-    return parallel.pmap_step(step)
-
-
 def pmapped_predict_step(model, flip_tta: bool = False):
     return parallel.pmap_step(functools.partial(predict_step, model=model, flip_tta=flip_tta))
 
@@ -364,11 +413,7 @@ def _train_and_evaluate(config, workdir, source):
     )
     train_iter = parallel.prefetch_to_device(input_pipeline.as_numpy(train_ds))
     evaluator = evaluate.Evaluator(source, config, source.val_ids)
-    step_fn = pmapped_train_step(
-        config.loss,
-        config.detection_loss_weight if config.model.detection_head else 0.0,
-        config.ema_decay,
-    )
+    step_fn = pmapped_train_step(config)
     writer = tensorboard.SummaryWriter(f"{workdir}/tensorboard")
 
     logging.info(
