@@ -1,11 +1,12 @@
-"""Images per second out of the tf.data training pipeline (decode, augment, batch).
+"""Images per second out of the tf.data batch source (decode, resize, cache, sample, batch).
 
   python benchmarks/input_pipeline.py --data_dir ../shared/data/lgg/kaggle_3m \
       --image_size 256 --batch 64 --batches 100
 
 Prepares the data once (as training does), fills the cache with one pass, then times
-`--batches` batches of the augmented, normalised, device-shaped stream. Prints one JSON
-line with images/s overall and per CPU core.
+`--batches` batches of the device-shaped uint8 stream (augmentation runs on the devices,
+in the train step: benchmarks/speed.py times it). Prints one JSON line with images/s
+overall and per CPU core.
 """
 
 import argparse
@@ -55,7 +56,7 @@ def main():
     print(
         json.dumps(
             {
-                "pipeline": "train (augment on)",
+                "pipeline": "train (tfdata source)",
                 "data": args.data_dir or "synthetic",
                 "image_size": args.image_size,
                 "batch": args.batch,

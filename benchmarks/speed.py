@@ -10,7 +10,8 @@ side (run both in one session, alternating):
 
 Inputs are random, non-zero, in memory (no TensorFlow is imported, so this also runs
 where TF is absent). The step is the one training uses (pmap over all local devices,
-global-batch loss, Adam), with BCE loss and no detection head, like the torch script.
+the recipe's augmentation of the uint8 batch, global-batch loss, Adam), with BCE loss
+and no detection head, like the torch script.
 Times are medians over `--steps` timed steps after warm-up (compilation excluded).
 With `--backends` including onnx, the same model (same weights) is exported as
 `--mode=export` exports it and its inference on ONNX Runtime (`export.OnnxModel`, the
@@ -71,8 +72,11 @@ def main():
     config.optimizer.grad_clip_norm = 0.0
     config.optimizer.warmup_steps = 0
     config.num_train_steps = 1000
+    config.loss = "bce"
+    config.batch_size = args.batch
     model = models.create_model(config.model)
-    train_step = train.pmapped_train_step("bce")
+    # As training runs it: uint8 slices in, augmented and normalised inside the step.
+    train_step = train.pmapped_train_step(config)
     predict_step = train.pmapped_predict_step(model)
     rng = np.random.default_rng(0)
     for size in [int(s) for s in args.sizes.split(",")]:
@@ -82,7 +86,7 @@ def main():
         batch = parallel.shard_batch(
             parallel.split_for_devices(
                 {
-                    "image": rng.uniform(0.05, 1, (args.batch, size, size, 3)).astype(np.float32),
+                    "image": rng.integers(10, 256, (args.batch, size, size, 3), dtype=np.uint8),
                     "mask": (rng.uniform(size=(args.batch, size, size, 1)) > 0.7).astype(np.uint8),
                 }
             )
@@ -90,7 +94,7 @@ def main():
         variables = {"params": state.params, "batch_stats": state.batch_stats}
         steps = {
             "train": lambda s, b: train_step(s, b)[0],
-            "infer": lambda _, b, v=variables: predict_step(v, {"image": b["image"]})[1],
+            "infer": lambda _, b, v=variables: predict_step(v, {"image": b["image"] / 255.0})[1],
         }
 
         result = {
@@ -116,7 +120,7 @@ def main():
             with tempfile.TemporaryDirectory() as tmp:
                 export.write_onnx(variables, meta, os.path.join(tmp, "model.onnx"))
                 onnx_model = export.OnnxModel(os.path.join(tmp, "model.onnx"), args.threads)
-            images = np.asarray(batch["image"]).reshape(args.batch, size, size, 3)
+            images = np.asarray(batch["image"]).reshape(args.batch, size, size, 3) / np.float32(255)
             median = _median_seconds(lambda _, x, m=onnx_model: m(x), None, images, args.steps)
             print(json.dumps(_onnx_result(result, onnx_model, args.threads, median)), flush=True)
 
