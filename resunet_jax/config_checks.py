@@ -8,7 +8,7 @@ after the data are prepared, an unknown loss after the workdir is made.
 import jax
 import ml_collections
 
-from resunet_jax import export, input_pipeline, losses, models, postprocess, train
+from resunet_jax import inference, losses, models, postprocess, preprocess, train
 from resunet_jax.data import sources
 from resunet_jax.errors import ConfigError
 
@@ -33,11 +33,11 @@ def validate(config: ml_collections.ConfigDict, mode: str) -> None:
     _choices(config, "optimizer.name", train.OPTIMIZERS)
     _choices(config, "optimizer.schedule", train.SCHEDULES)
     _choices(config, "model.dtype", models.DTYPES)
-    _choices(config, "data.normalization", input_pipeline.NORMALIZATIONS)
+    _choices(config, "data.normalization", preprocess.NORMALIZATIONS)
     _choices(config, "eval.split", ("val", "all"))
     _choices(config, "eval.postprocess", postprocess.METHODS)
-    _choices(config, "eval.missing_sequences", tuple(input_pipeline.MISSING_SEQUENCES))
-    _choices(config, "inference.backend", export.BACKENDS)
+    _choices(config, "eval.missing_sequences", tuple(preprocess.MISSING_SEQUENCES))
+    _choices(config, "inference.backend", inference.BACKENDS)
 
     for field in (
         "batch_size",

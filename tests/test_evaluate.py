@@ -5,16 +5,17 @@ import numpy as np
 import pytest
 
 from configs import resunet, tiny
-from resunet_jax import evaluate, models, train
+from resunet_jax import checkpointing, evaluate, models, train
 from resunet_jax.data import lgg
 
 
 def test_masks_are_judged_at_the_slices_original_size(tiny_data, tmp_path):
     config = tiny.get_config()
     config.data.image_size = 64  # the model sees 64 px; the slices are 32 px
+    config.data.prepared_dir = str(tmp_path)
     slices = lgg.discover(tiny_data)
     ids = lgg.patient_ids(slices)[:2]
-    source = types.SimpleNamespace(builder=lgg.prepare(tiny_data, str(tmp_path), slices))
+    source = types.SimpleNamespace(data_dir=tiny_data, slices=slices)
     state = train.create_train_state(jax.random.key(0), config, models.create_model(config.model))
     variables = {"params": state.params, "batch_stats": state.batch_stats}
     cols = evaluate.Evaluator(source, config, ids).predict(variables)
@@ -65,11 +66,11 @@ def test_evaluation_scores_only_patients_the_checkpoint_never_saw():
 
 def test_checkpoint_config_takes_every_model_field(caplog):
     config = resunet.get_config()
-    assert {f"model.{k}" for k in config.model} <= set(evaluate.MODEL_FIELDS)
+    assert {f"model.{k}" for k in config.model} <= set(checkpointing.MODEL_FIELDS)
     saved = resunet.get_config().to_dict()
     saved["model"]["features"] = [32, 64]
     with caplog.at_level("WARNING"):
-        restored = evaluate.checkpoint_config(config, {"config": saved})
+        restored = checkpointing.checkpoint_config(config, {"config": saved})
     assert tuple(restored.model.features) == (32, 64)
     # One warning: for the field that differs.
     assert [r.getMessage() for r in caplog.records if "checkpoint's" in r.getMessage()] == [

@@ -26,6 +26,7 @@ class Source:
     Attributes:
         config: the run config with data-source defaults filled in.
         data_dir: the kaggle_3m-style folder.
+        slices: its slices (`lgg.discover`).
         builder: its prepared `tfds_lgg.LggBuilder`; None unless opened with `tfds=True`.
         patient_ids: every patient of `data_dir`.
         train_ids, val_ids: the patient-level split (both empty when not asked for).
@@ -34,6 +35,7 @@ class Source:
 
     config: ml_collections.ConfigDict
     data_dir: str
+    slices: list
     builder: Any
     patient_ids: list
     train_ids: list
@@ -119,4 +121,4 @@ def open_source(
         len(slices),
         f"{len(train_ids)} train, {len(val_ids)} val patients" if split else "not split",
     )
-    return Source(config, data_dir, builder, ids, train_ids, val_ids, is_synthetic)
+    return Source(config, data_dir, slices, builder, ids, train_ids, val_ids, is_synthetic)

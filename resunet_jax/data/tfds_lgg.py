@@ -74,9 +74,7 @@ def prepare(data_dir: str, prepared_root: str, slices: list[lgg.Slice]) -> LggBu
     # TensorFlow is the host's input pipeline here: it must never take accelerator
     # memory from JAX. Set before TF's first op initialises its devices.
     tf.config.set_visible_devices([], "GPU")
-    builder = LggBuilder(
-        data_dir=os.path.join(prepared_root, lgg.fingerprint(data_dir, slices))
-    )
+    builder = LggBuilder(data_dir=os.path.join(prepared_root, lgg.fingerprint(data_dir, slices)))
     if not builder.is_prepared():
         problems = lgg.validate(slices)
         if problems:
