@@ -90,15 +90,15 @@ class Evaluator:
         for start in range(0, n, self.batch_size):
             yield np.arange(start, min(start + self.batch_size, n))
 
-    def _probabilities(self, variables, rows) -> tuple[np.ndarray, np.ndarray]:
-        """Pixel [b, S, S] and slice [b] tumour probabilities of the slices at `rows`."""
+    def inputs(self, rows) -> np.ndarray:
+        """The model inputs [b, S, S, C] float32 of the slices at `rows` [b]."""
         image = context.stack_context(self.slices["image"], self.context[rows])
         stats = None if self.stats is None else self.stats[rows]
         if self.missing.any():
             image = preprocess.drop_sequences(image, self.missing)
             if stats is not None:  # [b, 2, 3] mean and std: the FLAIR's for the missing
                 stats = preprocess.drop_sequences(stats[:, None], self.missing)[:, 0]
-        return self.probabilities(variables, preprocess.normalize(image, self.normalization, stats))
+        return preprocess.normalize(image, self.normalization, stats)
 
     def predict(self, variables) -> dict:
         """Per-slice values of every slice, judged at the slice's original size.
@@ -112,7 +112,7 @@ class Evaluator:
         true_masks = self.slices["original_mask"] > 0
         columns = collections.defaultdict(list)
         for rows in self._batches():
-            probs, tumor = self._probabilities(variables, rows)
+            probs, tumor = self.probabilities(variables, self.inputs(rows))
             small = postprocess.masks_at_original_size(
                 probs, self.slices["orig_height"][rows], self.slices["orig_width"][rows]
             )
@@ -168,7 +168,7 @@ class Evaluator:
         want_tumor, want_clean = num_rows - num_rows // 2, num_rows // 2
         shown, patients_shown = [], set()
         for rows in self._batches():
-            probs, tumor = self._probabilities(variables, rows)
+            probs, tumor = self.probabilities(variables, self.inputs(rows))
             for i, row in enumerate(rows):
                 has_tumor = bool(self.slices["mask"][row].any())
                 pid = self.slices["patient_id"][row]

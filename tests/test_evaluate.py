@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from configs import resunet, tiny
-from resunet_jax import checkpointing, evaluate, models, train
+from resunet_jax import checkpointing, evaluate, inference, models, train
 from resunet_jax.data import lgg
 
 
@@ -76,3 +76,28 @@ def test_checkpoint_config_takes_every_model_field(caplog):
     assert [r.getMessage() for r in caplog.records if "checkpoint's" in r.getMessage()] == [
         "Using the checkpoint's model.features=[32, 64] (the config had [32, 64, 128])"
     ]
+
+
+def test_evaluation_predicts_what_the_predictor_predicts(tiny_data, tmp_path):
+    config = tiny.get_config()
+    config.data.image_size = 48  # resized in and out
+    config.data.normalization = "volume"
+    config.data.context_slices = 1
+    config.data.prepared_dir = str(tmp_path)
+    config.model.detection_head = True
+    slices = lgg.discover(tiny_data)
+    ids = lgg.patient_ids(slices)[:2]
+    model = models.create_model(config.model)
+    state = train.create_train_state(jax.random.key(0), config, model)
+    variables = {"params": state.params, "batch_stats": state.batch_stats}
+    source = types.SimpleNamespace(data_dir=tiny_data, slices=slices)
+    evaluator = evaluate.Evaluator(source, config, ids)
+    cols = evaluator.predict(variables)
+
+    predictor = inference.Predictor(variables, config, threshold=0.5)
+    for pid in ids:
+        rows = np.flatnonzero(cols["patient_id"] == pid)
+        images = [lgg.read_slice(s)[0] for s in slices if s.patient_id == pid]
+        np.testing.assert_array_equal(predictor.preprocess(images), evaluator.inputs(rows))
+        result = predictor.predict(images)
+        np.testing.assert_allclose(result.tumor_probabilities, cols["tumor_prob"][rows], atol=1e-5)

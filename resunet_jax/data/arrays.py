@@ -109,18 +109,13 @@ def _write_missing(data_dir, slices, patient_ids, image_size, folder):
 def _resize_patient(pairs: list, image_size: int) -> dict:
     """One patient's (image [H, W, 3], mask [H, W]) slices -> the cached arrays but
     "slice_index"."""
-    n = len(pairs)
-    images = np.zeros([n, image_size, image_size, 3], np.uint8)
-    masks = np.zeros([n, image_size, image_size, 1], np.uint8)
-    shapes = np.array([image.shape[:2] for image, _ in pairs], np.int32).reshape(n, 2)
-    # One resize call per distinct slice size (one per patient for the LGG data).
-    for shape in np.unique(shapes, axis=0):
-        rows = np.flatnonzero((shapes == shape).all(axis=1))
-        images[rows] = preprocess.resize_images(np.stack([pairs[i][0] for i in rows]), image_size)
-        masks[rows] = preprocess.resize_masks(np.stack([pairs[i][1] for i in rows]), image_size)
+    # Slice by slice, as `inference.Predictor` resizes: the same inputs, bit for bit.
+    images = [preprocess.resize_images(image[None], image_size) for image, _ in pairs]
+    masks = [preprocess.resize_masks(mask[None], image_size) for _, mask in pairs]
+    shapes = np.array([mask.shape for _, mask in pairs], np.int32)
     return {
-        "image": images,
-        "mask": masks,
+        "image": np.concatenate(images),
+        "mask": np.concatenate(masks),
         "original_mask": _pad_stack([mask[None] for _, mask in pairs]),
         "orig_height": shapes[:, 0],
         "orig_width": shapes[:, 1],
