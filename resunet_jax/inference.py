@@ -101,12 +101,12 @@ class OnnxModel:
     """An exported model on ONNX Runtime, called like the JAX model in `infer`.
 
     Args:
-        path: the .onnx file (`export_onnx`).
+        path: the .onnx file (`export.export_onnx`).
         threads: ONNX Runtime's intra-op threads; 0 = its default (one per core).
 
     Attributes:
         meta: the checkpoint's meta (config, step, val_metrics, ...).
-        card: the model card (`model_card`).
+        card: the model card (`export.model_card`).
     """
 
     def __init__(self, path: str, threads: int = 0):
