@@ -8,7 +8,6 @@ import logging as pylogging
 import sys
 
 import jax
-import tensorflow as tf
 from absl import app, flags, logging
 from jax.experimental import multihost_utils
 from ml_collections import config_flags
@@ -40,8 +39,6 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     logging.get_absl_handler().addFilter(_QuietOrbax())
-    # tf.data runs on the host: TensorFlow must never take accelerator memory from JAX.
-    tf.config.set_visible_devices([], "GPU")
     config = FLAGS.config
     if config.distributed.enabled:
         dist = config.distributed

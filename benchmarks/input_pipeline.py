@@ -40,7 +40,7 @@ def main():
     config.data.dir = args.data_dir
     config.data.image_size = args.image_size
     with tempfile.TemporaryDirectory() as workdir:
-        source = sources.open_source(config, workdir)
+        source = sources.open_source(config, workdir, tfds=True)
         ds = input_pipeline.create_train_dataset(
             source.builder, source.train_ids, source.config, args.batch, seed=0
         )

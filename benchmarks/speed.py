@@ -14,7 +14,7 @@ the recipe's augmentation of the uint8 batch, global-batch loss, Adam), with BCE
 and no detection head, like the torch script.
 Times are medians over `--steps` timed steps after warm-up (compilation excluded).
 With `--backends` including onnx, the same model (same weights) is exported as
-`--mode=export` exports it and its inference on ONNX Runtime (`export.OnnxModel`, the
+`--mode=export` exports it and its inference on ONNX Runtime (`inference.OnnxModel`, the
 onnx backend of eval and predict) is timed too, on one more line ("impl": "onnxruntime",
 no train fields).
 """
@@ -64,7 +64,7 @@ def main():
     import jax
 
     from configs import resunet
-    from resunet_jax import checkpointing, export, models, parallel, train
+    from resunet_jax import checkpointing, export, inference, models, parallel, train
 
     config = resunet.get_config()
     config.model.dtype = args.dtype
@@ -77,7 +77,7 @@ def main():
     model = models.create_model(config.model)
     # As training runs it: uint8 slices in, augmented and normalised inside the step.
     train_step = train.pmapped_train_step(config)
-    predict_step = train.pmapped_predict_step(model)
+    predict_step = inference.pmapped_predict_step(model)
     rng = np.random.default_rng(0)
     for size in [int(s) for s in args.sizes.split(",")]:
         config.data.image_size = size
@@ -119,7 +119,7 @@ def main():
             meta = {"step": 0, "config": checkpointing.config_json(config)}
             with tempfile.TemporaryDirectory() as tmp:
                 export.write_onnx(variables, meta, os.path.join(tmp, "model.onnx"))
-                onnx_model = export.OnnxModel(os.path.join(tmp, "model.onnx"), args.threads)
+                onnx_model = inference.OnnxModel(os.path.join(tmp, "model.onnx"), args.threads)
             images = np.asarray(batch["image"]).reshape(args.batch, size, size, 3) / np.float32(255)
             median = _median_seconds(lambda _, x, m=onnx_model: m(x), None, images, args.steps)
             print(json.dumps(_onnx_result(result, onnx_model, args.threads, median)), flush=True)

@@ -43,6 +43,7 @@ import sys
 import time
 
 import jax
+import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
@@ -555,3 +556,45 @@ def restore_model(path: str) -> tuple[dict, dict]:
 def config_json(config) -> dict:
     """The run config as a JSON-compatible dict (stored in every checkpoint's meta)."""
     return json.loads(config.to_json())
+
+
+# Config fields that define what a checkpoint's model expects; evaluation takes them
+# from the checkpoint, not from the command line (`checkpoint_config`).
+MODEL_FIELDS = (
+    "model.stem_features",
+    "model.features",
+    "model.bottleneck_features",
+    "model.dtype",
+    "model.detection_head",
+    "model.deep_supervision",
+    "model.no_contrast_expert",
+    "data.image_size",
+    "data.normalization",
+    "data.context_slices",
+)
+
+
+def checkpoint_config(config: ml_collections.ConfigDict, meta: dict):
+    """`config` with the model-defining fields (MODEL_FIELDS) of the checkpoint's config."""
+    saved = ml_collections.ConfigDict(meta["config"])
+    config = config.copy_and_resolve_references()
+    with config.unlocked():
+        for field in MODEL_FIELDS:
+            *parents, leaf = field.split(".")
+            dst, src = config, saved
+            for p in parents:
+                dst, src = dst[p], src[p]
+            wanted, saved_value = _plain(dst[leaf]), _plain(src[leaf])
+            if wanted is not None and wanted != saved_value:
+                logging.warning(
+                    "Using the checkpoint's %s=%s (the config had %s)", field, saved_value, wanted
+                )
+            dst[leaf] = src[leaf]
+    return config
+
+
+def _plain(value):
+    """A config value as JSON types, so tuples and lists compare equal."""
+    if isinstance(value, ml_collections.ConfigDict):
+        value = value.to_dict()
+    return json.loads(json.dumps(value))

@@ -8,7 +8,7 @@ after the data are prepared, an unknown loss after the workdir is made.
 import jax
 import ml_collections
 
-from resunet_jax import export, losses, models, postprocess, preprocess, train
+from resunet_jax import inference, losses, models, postprocess, preprocess, train
 from resunet_jax.data import sources
 from resunet_jax.errors import ConfigError
 
@@ -38,7 +38,7 @@ def validate(config: ml_collections.ConfigDict, mode: str) -> None:
     _choices(config, "eval.split", ("val", "all"))
     _choices(config, "eval.postprocess", postprocess.METHODS)
     _choices(config, "eval.missing_sequences", tuple(preprocess.MISSING_SEQUENCES))
-    _choices(config, "inference.backend", export.BACKENDS)
+    _choices(config, "inference.backend", inference.BACKENDS)
 
     for field in (
         "batch_size",

@@ -15,14 +15,13 @@ from absl import logging
 from resunet_jax import context, parallel, preprocess
 
 
-def training_arrays(slices: dict, patient_ids, config) -> dict:
+def training_arrays(slices: dict, config) -> dict:
     """The device-resident form of the training patients' slices.
 
     Args:
-        slices: resized slices in patient, then slice order (`data.arrays.load`):
-            {"image": [N, S, S, 3] uint8, "mask": [N, S, S, 1] uint8,
-            "patient_id": [N] str, "slice_index": [N] int}.
-        patient_ids: the training patients (others are left out).
+        slices: the training patients' resized slices (`data.arrays.load`):
+            {"image": [M, S, S, 3] uint8, "mask": [M, S, S, 1] uint8,
+            "patient_id": [M] str, "slice_index": [M] int, ...}.
         config: run config (data.context_slices, data.normalization, data.tumor_fraction).
 
     Returns:
@@ -31,9 +30,8 @@ def training_arrays(slices: dict, patient_ids, config) -> dict:
         int32 the slices with and without tumour (with tumor_fraction None, "tumor"
         holds every slice), and for "volume" normalisation "norm": [M, 2, 3]}.
     """
-    keep = np.isin(slices["patient_id"], list(patient_ids))
-    patients, positions = slices["patient_id"][keep], slices["slice_index"][keep]
-    out = {"image": slices["image"][keep], "mask": slices["mask"][keep]}
+    patients, positions = slices["patient_id"], slices["slice_index"]
+    out = {"image": slices["image"], "mask": slices["mask"]}
     rows = context.context_rows(patients, positions, config.data.context_slices)
     out["context"] = rows.astype(np.int32)
     has_tumor = out["mask"].any(axis=(1, 2, 3))

@@ -12,21 +12,20 @@ import os
 import time
 
 import jax
-import ml_collections
 import numpy as np
 from absl import logging
 
 from resunet_jax import (
     checkpointing,
+    context,
     errors,
-    export,
-    input_pipeline,
+    inference,
     metrics,
-    parallel,
     postprocess,
+    preprocess,
     visualize,
 )
-from resunet_jax.data import sources
+from resunet_jax.data import arrays, sources
 
 # Figures reported for each post-processing variant.
 COMPARED_METRICS = (
@@ -38,43 +37,68 @@ COMPARED_METRICS = (
     "detection_specificity",
 )
 
-# Config fields that define what a checkpoint's model expects; evaluation takes them
-# from the checkpoint, not from the command line.
-MODEL_FIELDS = (
-    "model.stem_features",
-    "model.features",
-    "model.bottleneck_features",
-    "model.dtype",
-    "model.detection_head",
-    "model.deep_supervision",
-    "model.no_contrast_expert",
-    "data.image_size",
-    "data.normalization",
-    "data.context_slices",
-)
-
 
 class Evaluator:
-    """Evaluates model variables on every slice of a set of patients.
+    """Evaluates a model on every slice of a set of patients.
+
+    The slices are read once, as arrays at the model's input side (`data.arrays`); each
+    batch's model inputs are made from them as prediction makes them (`preprocess`,
+    `context`).
 
     Args:
-        source: the prepared data source.
+        source: the data source.
         config: run config (model, data.image_size, data.normalization,
-            data.context_slices, eval.batch_size, inference.backend).
+            data.context_slices, data.prepared_dir, eval.batch_size, eval.flip_tta,
+            eval.postprocess, eval.missing_sequences).
         patient_ids: patients to evaluate.
 
-    The methods take the model as `export.restore` returns it: {"params",
+    The methods take the model as `inference.restore` returns it: {"params",
     "batch_stats"} of the JAX model, or an ONNX Runtime model (inference.backend=onnx).
     """
 
     def __init__(self, source: sources.Source, config, patient_ids):
+        if not patient_ids:
+            raise errors.DataError("no slice to evaluate: the evaluation split is empty")
         devices = jax.local_device_count()
         self.batch_size = -(-config.eval.batch_size // devices) * devices
-        self.step = export.predict_step(config)
+        self.probabilities = inference.batch_probabilities(config)
         self.postprocess = config.eval.postprocess
-        self.dataset = input_pipeline.create_eval_dataset(
-            source.builder, patient_ids, config, self.batch_size
+        self.normalization = config.data.normalization
+        self.slices = arrays.load(
+            source.data_dir,
+            source.slices,
+            patient_ids,
+            config.data.image_size,
+            sources.prepared_root(config),
         )
+        pids, index = self.slices["patient_id"], self.slices["slice_index"]
+        self.context = context.context_rows(pids, index, config.data.context_slices)
+        self.stats = None
+        if self.normalization == "volume":  # each slice's patient's statistics
+            self.stats = np.zeros([len(pids), 2, 3], np.float32)
+            for pid in np.unique(pids):
+                rows = pids == pid
+                moments = preprocess.slice_moments(self.slices["image"][rows]).sum(axis=0)
+                self.stats[rows] = preprocess.volume_stats(moments)
+        # With eval.missing_sequences set, the named sequences are replaced by the FLAIR:
+        # how the model fares on a patient without them.
+        self.missing = np.array(preprocess.MISSING_SEQUENCES[config.eval.missing_sequences])
+
+    def _batches(self):
+        """Row indices [b] of the slices, b <= batch_size, in patient then slice order."""
+        n = len(self.slices["image"])
+        for start in range(0, n, self.batch_size):
+            yield np.arange(start, min(start + self.batch_size, n))
+
+    def inputs(self, rows) -> np.ndarray:
+        """The model inputs [b, S, S, C] float32 of the slices at `rows` [b]."""
+        image = context.stack_context(self.slices["image"], self.context[rows])
+        stats = None if self.stats is None else self.stats[rows]
+        if self.missing.any():
+            image = preprocess.drop_sequences(image, self.missing)
+            if stats is not None:  # [b, 2, 3] mean and std: the FLAIR's for the missing
+                stats = preprocess.drop_sequences(stats[:, None], self.missing)[:, 0]
+        return preprocess.normalize(image, self.normalization, stats)
 
     def predict(self, variables) -> dict:
         """Per-slice values of every slice, judged at the slice's original size.
@@ -83,34 +107,28 @@ class Evaluator:
             {"patient_id", "slice_index", "tumor_prob", and "intersection", "pred_area",
             "true_area" of the mask thresholded at probability 0.5 (before the detection
             gate)} [N], and "pred_mask", "true_mask" [N, H, W] bool, H x W the largest
-            slice (smaller ones padded with False).
+            slice (smaller ones padded with False); in patient then slice order.
         """
+        true_masks = self.slices["original_mask"] > 0
         columns = collections.defaultdict(list)
-        for batch in input_pipeline.as_numpy(self.dataset):
-            padded, n = parallel.pad_batch({"image": batch["image"]}, self.batch_size)
-            _, out = jax.device_get(self.step(variables, parallel.split_for_devices(padded)))
-            probs = out["mask"].reshape(-1, *out["mask"].shape[2:])[:n]
-            pred = postprocess.masks_at_original_size(
-                probs, batch["orig_height"], batch["orig_width"]
+        for rows in self._batches():
+            probs, tumor = self.probabilities(variables, self.inputs(rows))
+            small = postprocess.masks_at_original_size(
+                probs, self.slices["orig_height"][rows], self.slices["orig_width"][rows]
             )
-            true = batch["original_mask"][..., 0] > 0  # padded as `pred` is
-            for k, v in metrics.slice_counts(pred, true).items():
+            pred = np.zeros((len(rows), *true_masks.shape[1:]), bool)
+            pred[:, : small.shape[1], : small.shape[2]] = small
+            for k, v in metrics.slice_counts(pred, true_masks[rows]).items():
                 columns[k].append(np.asarray(v))
-            columns["tumor_prob"].append(out["tumor"].reshape(-1)[:n])
+            columns["tumor_prob"].append(tumor)
             columns["pred_mask"].append(pred)
-            columns["true_mask"].append(true)
-            columns["patient_id"].append(batch["patient_id"])
-            columns["slice_index"].append(batch["slice_index"])
-        if not columns:
-            raise errors.DataError("no slice to evaluate: the evaluation split is empty")
-        # Batches of different slice sizes: pad every mask to the largest.
-        h = max(m.shape[1] for m in columns["pred_mask"])
-        w = max(m.shape[2] for m in columns["pred_mask"])
-        for k in ("pred_mask", "true_mask"):
-            columns[k] = [
-                np.pad(m, ((0, 0), (0, h - m.shape[1]), (0, w - m.shape[2]))) for m in columns[k]
-            ]
-        return {k: np.concatenate(v) for k, v in columns.items()}
+        out = {k: np.concatenate(v) for k, v in columns.items()}
+        out.update(
+            true_mask=true_masks,
+            patient_id=self.slices["patient_id"],
+            slice_index=self.slices["slice_index"],
+        )
+        return out
 
     def run(self, variables, threshold: float | None = None) -> tuple[dict, dict]:
         """Evaluates; `threshold` None selects the detection threshold on these patients.
@@ -148,15 +166,12 @@ class Evaluator:
         """The results grid (visualize.results_grid) of the first `num_rows` slices:
         half with tumour (one per patient while possible), half without."""
         want_tumor, want_clean = num_rows - num_rows // 2, num_rows // 2
-        rows, patients_shown = [], set()
-        for batch in input_pipeline.as_numpy(self.dataset):
-            padded, n = parallel.pad_batch({"image": batch["image"]}, self.batch_size)
-            _, out = self.step(variables, parallel.split_for_devices(padded))
-            probs = np.asarray(out["mask"]).reshape(-1, *out["mask"].shape[2:])[:n]
-            tumor = np.asarray(out["tumor"]).reshape(-1)[:n] >= threshold
-            for i in range(n):
-                has_tumor = bool(batch["mask"][i].any())
-                pid = batch["patient_id"][i]
+        shown, patients_shown = [], set()
+        for rows in self._batches():
+            probs, tumor = self.probabilities(variables, self.inputs(rows))
+            for i, row in enumerate(rows):
+                has_tumor = bool(self.slices["mask"][row].any())
+                pid = self.slices["patient_id"][row]
                 if has_tumor and want_tumor and pid not in patients_shown:
                     want_tumor -= 1
                 elif not has_tumor and want_clean:
@@ -164,45 +179,19 @@ class Evaluator:
                 else:
                     continue
                 patients_shown.add(pid)
-                pred = (probs[i] >= 0.5) & tumor[i]
-                rows.append(
+                pred = (probs[i] >= 0.5) & (tumor[i] >= threshold)
+                shown.append(
                     (
-                        batch["display"][i],
-                        batch["mask"][i, ..., 0],
+                        self.slices["image"][row],
+                        self.slices["mask"][row, ..., 0],
                         pred,
-                        f"{pid} #{batch['slice_index'][i]}",
+                        f"{pid} #{self.slices['slice_index'][row]}",
                     )
                 )
             if not want_tumor and not want_clean:
                 break
-        images, true_masks, pred_masks, titles = zip(*rows, strict=True)
+        images, true_masks, pred_masks, titles = zip(*shown, strict=True)
         return visualize.results_grid(images, true_masks, pred_masks, titles)
-
-
-def checkpoint_config(config: ml_collections.ConfigDict, meta: dict):
-    """`config` with the model-defining fields (MODEL_FIELDS) of the checkpoint's config."""
-    saved = ml_collections.ConfigDict(meta["config"])
-    config = config.copy_and_resolve_references()
-    with config.unlocked():
-        for field in MODEL_FIELDS:
-            *parents, leaf = field.split(".")
-            dst, src = config, saved
-            for p in parents:
-                dst, src = dst[p], src[p]
-            wanted, saved_value = _plain(dst[leaf]), _plain(src[leaf])
-            if wanted is not None and wanted != saved_value:
-                logging.warning(
-                    "Using the checkpoint's %s=%s (the config had %s)", field, saved_value, wanted
-                )
-            dst[leaf] = src[leaf]
-    return config
-
-
-def _plain(value):
-    """A config value as JSON types, so tuples and lists compare equal."""
-    if isinstance(value, ml_collections.ConfigDict):
-        value = value.to_dict()
-    return json.loads(json.dumps(value))
 
 
 def keep_earlier(folder: str, report: str):
@@ -309,7 +298,7 @@ def evaluate_checkpoint(config, workdir: str, source: sources.Source | None = No
     """Restores a checkpoint, evaluates it on `eval.split`, and writes `workdir/eval/`.
 
     The checkpoint is `config.checkpoint` if set, else the workdir's best (else latest);
-    with inference.backend=onnx, the exported model there (`export.find_onnx`).
+    with inference.backend=onnx, the exported model there (`inference.find_onnx`).
 
     Args:
         config: run config.
@@ -322,8 +311,8 @@ def evaluate_checkpoint(config, workdir: str, source: sources.Source | None = No
     if jax.process_index() == 0:  # before the evaluation, not after it
         checkpointing.check_writable(workdir)
     path = config.checkpoint or workdir
-    variables, meta = export.restore(path, config.inference.backend)
-    config = checkpoint_config(source.config if source else config, meta)
+    variables, meta = inference.restore(path, config.inference.backend)
+    config = checkpointing.checkpoint_config(source.config if source else config, meta)
     # With the list of training patients the k-fold split is not needed, so a folder
     # of fewer patients than data.num_folds (a user's own two, say) can be scored.
     source = source or sources.open_source(config, workdir, split=False)

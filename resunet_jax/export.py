@@ -12,7 +12,7 @@ training patients) are in its metadata_props, and in a JSON beside it for readin
 without ONNX.
 
 With `inference.backend=onnx`, eval and predict run that graph on ONNX Runtime instead
-of the JAX model (`restore`, `predict_step`).
+of the JAX model (`inference.OnnxModel`).
 """
 
 import contextlib
@@ -24,18 +24,10 @@ import tempfile
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from absl import logging
 
-from resunet_jax import checkpointing, models, train
+from resunet_jax import checkpointing, inference, models
 
-BACKENDS = ("jax", "onnx")  # config.inference.backend
-ONNX_NAME = "model.onnx"
-# metadata_props keys.
-META_KEY = "resunet_jax.meta"
-CARD_KEY = "resunet_jax.card"
-INPUT_NAME = "image"
-OUTPUT_NAMES = ("mask", "tumor")
 CHANNELS = ("pre-contrast", "FLAIR", "post-contrast")
 NORMALIZATION = {
     "scale": "x / 255 per channel",
@@ -54,7 +46,7 @@ def model_card(meta: dict) -> dict:
     size, k = data["image_size"], data.get("context_slices", 0)
     card = {
         "input": {
-            "name": INPUT_NAME,
+            "name": inference.INPUT_NAME,
             "shape": ["batch", size, size, models.input_channels(data)],
             "dtype": "float32",
             "layout": "NHWC",
@@ -97,7 +89,7 @@ def export_onnx(config, workdir: str) -> str:
         FileNotFoundError: no checkpoint at the path.
     """
     path = config.checkpoint or workdir
-    out = config.export.path or os.path.join(workdir, "export", ONNX_NAME)
+    out = config.export.path or os.path.join(workdir, "export", inference.ONNX_NAME)
     variables, meta = checkpointing.restore_model(path)
     write_onnx(variables, meta, out)
     logging.info("Exported %s step %d to %s", path, int(meta["step"]), out)
@@ -117,7 +109,9 @@ def write_onnx(variables: dict, meta: dict, path: str):
 
     proto = to_onnx(variables, meta)
     card = model_card(meta)
-    onnx.helper.set_model_props(proto, {META_KEY: json.dumps(meta), CARD_KEY: json.dumps(card)})
+    onnx.helper.set_model_props(
+        proto, {inference.META_KEY: json.dumps(meta), inference.CARD_KEY: json.dumps(card)}
+    )
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     onnx.save(proto, path + ".tmp")
     os.replace(path + ".tmp", path)
@@ -129,7 +123,7 @@ def to_onnx(variables: dict, meta: dict):
     """The inference network of a checkpoint as an ONNX ModelProto (no metadata).
 
     The network computes in float32 whatever `model.dtype` (ONNX Runtime's CPU kernels
-    have no bfloat16 convolution). jax2onnx traces `train.infer` (the probabilities eval
+    have no bfloat16 convolution). jax2onnx traces `inference.infer` (the probabilities eval
     and predict use) with the variables as constants and a symbolic batch dimension.
     ONNX Runtime's basic graph optimisation (hardware-independent, standard ONNX
     operators only) then folds the BatchNorms that follow a convolution into its
@@ -151,7 +145,7 @@ def to_onnx(variables: dict, meta: dict):
     variables = jax.tree.map(jnp.asarray, variables)
 
     def probabilities(images):
-        mask, tumor = train.infer(model, variables, images)
+        mask, tumor = inference.infer(model, variables, images)
         return mask[..., 0], tumor
 
     # jax2onnx 0.12 prints debug lines from its flax.linen Conv plugin, warns with a
@@ -168,8 +162,8 @@ def to_onnx(variables: dict, meta: dict):
                 probabilities,
                 [("B", size, size, models.input_channels(data_config))],
                 model_name="resunet",
-                input_names=[INPUT_NAME],
-                output_names=list(OUTPUT_NAMES),
+                input_names=[inference.INPUT_NAME],
+                output_names=list(inference.OUTPUT_NAMES),
             )
     finally:
         for log, level in zip(quiet, levels, strict=True):
@@ -193,121 +187,3 @@ def to_onnx(variables: dict, meta: dict):
     proto = onnx.shape_inference.infer_shapes(proto)
     onnx.checker.check_model(proto)
     return proto
-
-
-def find_onnx(path: str) -> str:
-    """The exported model that `path` names: an .onnx file, a folder holding model.onnx
-    (pretrained/resunet_lgg), or a workdir holding export/model.onnx.
-
-    Raises:
-        checkpointing.CheckpointError: none of these.
-    """
-    candidates = [os.path.join(path, ONNX_NAME), os.path.join(path, "export", ONNX_NAME)]
-    if path.endswith(".onnx"):
-        candidates = [path]
-    for candidate in candidates:
-        if os.path.isfile(candidate):
-            return candidate
-    raise checkpointing.CheckpointError(
-        f"{path}: no ONNX model (looked for {' and '.join(candidates)}); write one with "
-        "--mode=export, or use --config.inference.backend=jax"
-    )
-
-
-class OnnxModel:
-    """An exported model on ONNX Runtime, called like the JAX model in `train.infer`.
-
-    Args:
-        path: the .onnx file (`export_onnx`).
-        threads: ONNX Runtime's intra-op threads; 0 = its default (one per core).
-
-    Attributes:
-        meta: the checkpoint's meta (config, step, val_metrics, ...).
-        card: the model card (`model_card`).
-    """
-
-    def __init__(self, path: str, threads: int = 0):
-        import onnxruntime as ort
-
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        # Idle threads wait instead of spinning, which would take the cores from the work
-        # running alongside (eval's input pipeline, other jobs): 20 against 14-16 images/s
-        # for the shipped model at 128 px, batch 32, on a shared 2-core machine.
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        self.path = path
-        # CUDA where onnxruntime-gpu provides it, else the CPU. Not all that are available:
-        # the CPU wheel lists AzureExecutionProvider (remote endpoints) first.
-        available = ort.get_available_providers()
-        providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
-        self.session = ort.InferenceSession(path, options, providers=providers)
-        props = self.session.get_modelmeta().custom_metadata_map
-        if META_KEY not in props:
-            raise checkpointing.CheckpointError(
-                f"{path}: not exported by resunet_jax (no {META_KEY} in its metadata)"
-            )
-        self.meta = json.loads(props[META_KEY])
-        self.card = json.loads(props[CARD_KEY])
-
-    def __call__(self, images, flip_tta: bool = False) -> tuple[np.ndarray, np.ndarray]:
-        """Pixel and slice tumour probabilities, as `train.infer` computes them.
-
-        Args:
-            images: [b, S, S, C] float32 model inputs.
-            flip_tta: also predict the left-right mirrored slices and average.
-
-        Returns:
-            (mask probabilities [b, S, S], tumour probabilities [b]), float32.
-        """
-        images = np.asarray(images, np.float32)
-        mask, tumor = self.session.run(list(OUTPUT_NAMES), {INPUT_NAME: images})
-        if flip_tta:
-            mirrored, mirrored_tumor = self.session.run(
-                list(OUTPUT_NAMES), {INPUT_NAME: np.ascontiguousarray(images[:, :, ::-1])}
-            )
-            mask = 0.5 * (mask + mirrored[:, :, ::-1])
-            tumor = 0.5 * (tumor + mirrored_tumor)
-        return mask, tumor
-
-
-def restore(path: str, backend: str = "jax"):
-    """The model that eval and predict run on `backend`, and its meta.
-
-    Args:
-        path: a workdir or checkpoint (jax); an .onnx file, or a folder or workdir
-            holding one (`find_onnx`; onnx).
-        backend: `config.inference.backend`, "jax" or "onnx".
-
-    Returns:
-        (model, meta): model is {"params", "batch_stats"} (jax) or an `OnnxModel`
-        (onnx), what `predict_step`'s step takes in place of the JAX variables.
-    """
-    if backend == "jax":
-        return checkpointing.restore_model(path)
-    model = OnnxModel(find_onnx(path))
-    logging.info("Predicting with %s on ONNX Runtime (step %d)", model.path, model.meta["step"])
-    return model, model.meta
-
-
-def predict_step(config):
-    """The predict step of `config.inference.backend`, with the pmapped step's contract.
-
-    Returns:
-        step(model, batch) -> (None, {"mask": [devices, b, S, S], "tumor": [devices, b]})
-        for batch {"image": [devices, b, S, S, C]} and `model` from `restore`:
-        `train.pmapped_predict_step` of `config.model` (jax), or the ONNX Runtime model
-        called on the host (onnx; it holds its weights).
-    """
-    flip_tta = config.eval.flip_tta
-    if config.inference.backend == "jax":
-        return train.pmapped_predict_step(models.create_model(config.model), flip_tta)
-
-    def onnx_step(model: OnnxModel, batch):
-        images = np.asarray(batch["image"])
-        mask, tumor = model(images.reshape(-1, *images.shape[2:]), flip_tta)
-        return None, {
-            "mask": mask.reshape(images.shape[:2] + mask.shape[1:]),
-            "tumor": tumor.reshape(images.shape[:2]),
-        }
-
-    return onnx_step

@@ -1,4 +1,5 @@
-"""A trained model as a Python object: slices in, probabilities and masks out.
+"""Inference: the predict step, its JAX and ONNX Runtime backends, and a trained model
+as a Python object (slices in, probabilities and masks out). No TensorFlow.
 
     from resunet_jax import inference
 
@@ -6,28 +7,207 @@
     result = predictor.predict(images)  # one patient's [N, H, W, 3] uint8 slices, in order
     result.masks, result.probabilities, result.tumor_probabilities
 
-`predict` brings the slices to the model's input exactly as `--mode=predict` does (which
-is built on it): each slice resized to `data.image_size`, normalised as the checkpoint's
-`data.normalization` says ("volume" statistics over the slices passed together), its
-neighbouring slices added for a 2.5-D model; the probabilities are resized back to each
-slice's size, thresholded at 0.5 and gated by the checkpoint's detection threshold, and
-with `eval.postprocess=largest_component` the largest 3D component is kept. A joined
-model (`model.no_contrast_expert`, the shipped one) routes each slice whose pre-contrast
-is a FLAIR copy to its no-contrast network. The resizing and normalisation still use the
-tf.data helpers (`input_pipeline`), imported on the first prediction: evaluation resizes
-with them, and `jax.image.resize` (antialiased) differs from TF's by one grey level at 2
-of 100,000 resized values (60 LGG slices, 256 -> 128), so predictions would not equal
-evaluation's.
+`predict` brings the slices to the model's input exactly as evaluation does, with the
+same functions (`preprocess`): each slice resized to `data.image_size`, normalised as
+the checkpoint's `data.normalization` says ("volume" statistics over the slices passed
+together), its neighbouring slices added for a 2.5-D model; the probabilities are
+resized back to each slice's size, thresholded at 0.5 and gated by the checkpoint's
+detection threshold, and with `eval.postprocess=largest_component` the largest 3D
+component is kept. A joined model (`model.no_contrast_expert`, the shipped one) routes
+each slice whose pre-contrast is a FLAIR copy to its no-contrast network.
+`--mode=predict` and evaluation are built on this module; `batch_probabilities` runs
+either backend (`inference.backend`: the JAX model or ONNX Runtime, `restore`).
 """
 
 import dataclasses
 import functools
+import json
+import os
+from collections.abc import Callable
 
 import jax
 import ml_collections
 import numpy as np
+from absl import logging
 
-from resunet_jax import context, evaluate, export, models, parallel, postprocess, train
+from resunet_jax import checkpointing, context, models, parallel, postprocess, preprocess
+
+BACKENDS = ("jax", "onnx")  # config.inference.backend
+# The exported graph (export.py writes it, OnnxModel reads it): file name, metadata_props
+# keys, input and output names.
+ONNX_NAME = "model.onnx"
+META_KEY = "resunet_jax.meta"
+CARD_KEY = "resunet_jax.card"
+INPUT_NAME = "image"
+OUTPUT_NAMES = ("mask", "tumor")
+
+
+def infer(model, variables, images, flip_tta: bool = False):
+    """Pixel and slice tumour probabilities, optionally averaged with the mirrored slice.
+
+    Args:
+        model: the ResUNet.
+        variables: {"params", "batch_stats"}.
+        images: [b, S, S, 3] model inputs.
+        flip_tta: also predict the left-right mirrored slice and average (test-time
+            augmentation; brains are roughly left-right symmetric).
+
+    Returns:
+        (mask probabilities [b, S, S, 1], tumour probabilities [b]), float32.
+    """
+    out = model.apply(variables, images, train=False)
+    mask, tumor = jax.nn.sigmoid(out["mask"]), jax.nn.sigmoid(out["tumor"])
+    if flip_tta:
+        mirrored = model.apply(variables, images[:, :, ::-1], train=False)
+        mask = 0.5 * (mask + jax.nn.sigmoid(mirrored["mask"])[:, :, ::-1])
+        tumor = 0.5 * (tumor + jax.nn.sigmoid(mirrored["tumor"]))
+    return mask, tumor
+
+
+def predict_step(variables, batch, *, model, flip_tta: bool = False):
+    """Pixel and slice tumour probabilities for one batch (run under pmap).
+
+    Returns:
+        (None, {"mask": [b, S, S] float32, "tumor": [b] float32}).
+    """
+    mask, tumor = infer(model, variables, batch["image"], flip_tta)
+    return None, {"mask": mask[..., 0], "tumor": tumor}
+
+
+def pmapped_predict_step(model, flip_tta: bool = False):
+    return parallel.pmap_step(functools.partial(predict_step, model=model, flip_tta=flip_tta))
+
+
+def find_onnx(path: str) -> str:
+    """The exported model that `path` names: an .onnx file, a folder holding model.onnx
+    (pretrained/resunet_lgg), or a workdir holding export/model.onnx.
+
+    Raises:
+        checkpointing.CheckpointError: none of these.
+    """
+    candidates = [os.path.join(path, ONNX_NAME), os.path.join(path, "export", ONNX_NAME)]
+    if path.endswith(".onnx"):
+        candidates = [path]
+    for candidate in candidates:
+        if os.path.isfile(candidate):
+            return candidate
+    raise checkpointing.CheckpointError(
+        f"{path}: no ONNX model (looked for {' and '.join(candidates)}); write one with "
+        "--mode=export, or use --config.inference.backend=jax"
+    )
+
+
+class OnnxModel:
+    """An exported model on ONNX Runtime, called like the JAX model in `infer`.
+
+    Args:
+        path: the .onnx file (`export.export_onnx`).
+        threads: ONNX Runtime's intra-op threads; 0 = its default (one per core).
+
+    Attributes:
+        meta: the checkpoint's meta (config, step, val_metrics, ...).
+        card: the model card (`export.model_card`).
+    """
+
+    def __init__(self, path: str, threads: int = 0):
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        # Idle threads wait instead of spinning, which would take the cores from the work
+        # running alongside (eval's input pipeline, other jobs): 20 against 14-16 images/s
+        # for the shipped model at 128 px, batch 32, on a shared 2-core machine.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        self.path = path
+        # CUDA where onnxruntime-gpu provides it, else the CPU. Not all that are available:
+        # the CPU wheel lists AzureExecutionProvider (remote endpoints) first.
+        available = ort.get_available_providers()
+        providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
+        self.session = ort.InferenceSession(path, options, providers=providers)
+        props = self.session.get_modelmeta().custom_metadata_map
+        if META_KEY not in props:
+            raise checkpointing.CheckpointError(
+                f"{path}: not exported by resunet_jax (no {META_KEY} in its metadata)"
+            )
+        self.meta = json.loads(props[META_KEY])
+        self.card = json.loads(props[CARD_KEY])
+
+    def __call__(self, images, flip_tta: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """Pixel and slice tumour probabilities, as `infer` computes them.
+
+        Args:
+            images: [b, S, S, C] float32 model inputs.
+            flip_tta: also predict the left-right mirrored slices and average.
+
+        Returns:
+            (mask probabilities [b, S, S], tumour probabilities [b]), float32.
+        """
+        images = np.asarray(images, np.float32)
+        mask, tumor = self.session.run(list(OUTPUT_NAMES), {INPUT_NAME: images})
+        if flip_tta:
+            mirrored, mirrored_tumor = self.session.run(
+                list(OUTPUT_NAMES), {INPUT_NAME: np.ascontiguousarray(images[:, :, ::-1])}
+            )
+            mask = 0.5 * (mask + mirrored[:, :, ::-1])
+            tumor = 0.5 * (tumor + mirrored_tumor)
+        return mask, tumor
+
+
+def restore(path: str, backend: str = "jax"):
+    """The model that eval and predict run on `backend`, and its meta.
+
+    Args:
+        path: a workdir or checkpoint (jax); an .onnx file, or a folder or workdir
+            holding one (`find_onnx`; onnx).
+        backend: `config.inference.backend`, "jax" or "onnx".
+
+    Returns:
+        (model, meta): model is {"params", "batch_stats"} (jax) or an `OnnxModel`
+        (onnx), what `batch_probabilities`' call takes in place of the JAX variables.
+    """
+    if backend == "jax":
+        return checkpointing.restore_model(path)
+    model = OnnxModel(find_onnx(path))
+    logging.info("Predicting with %s on ONNX Runtime (step %d)", model.path, model.meta["step"])
+    return model, model.meta
+
+
+def batch_probabilities(config: ml_collections.ConfigDict) -> Callable:
+    """The model call of either backend: the one place that tells them apart.
+
+    Args:
+        config: a run config with the checkpoint's `model.*` fields (`checkpoint_config`)
+            and `eval.batch_size`, `eval.flip_tta`.
+
+    Returns:
+        probabilities(model, images) -> (mask [N, S, S], tumor [N]) float32 numpy, the
+        pixel and slice tumour probabilities of images [N, S, S, C] float32 model inputs,
+        for `model` as `restore` returns it: JAX variables (run by `pmapped_predict_step`
+        over the local devices in batches of `eval.batch_size` rounded up to a multiple
+        of the devices, the last one padded: one compilation) or an `OnnxModel` (run on
+        the host in batches of the same size; it holds its weights).
+    """
+    flip_tta = config.eval.flip_tta
+    devices = jax.local_device_count()
+    batch_size = -(-config.eval.batch_size // devices) * devices
+    step = pmapped_predict_step(models.create_model(config.model), flip_tta)
+
+    def run(model, images):
+        if isinstance(model, OnnxModel):
+            return model(images, flip_tta)
+        padded, n = parallel.pad_batch({"image": images}, batch_size)
+        _, out = jax.device_get(step(model, parallel.split_for_devices(padded)))
+        return out["mask"].reshape(-1, *out["mask"].shape[2:])[:n], out["tumor"].reshape(-1)[:n]
+
+    def probabilities(model, images):
+        masks, tumors = [], []
+        for start in range(0, len(images), batch_size):
+            mask, tumor = run(model, images[start : start + batch_size])
+            masks.append(mask)
+            tumors.append(tumor)
+        return np.concatenate(masks), np.concatenate(tumors)
+
+    return probabilities
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,48 +232,41 @@ class Predictor:
     """Runs a model on one patient's slices at a time.
 
     Args:
-        model: the Flax model (`models.create_model`).
-        variables: {"params", "batch_stats"}.
-        config: a run config with the model's `data.*` fields and `eval.batch_size`,
-            `eval.flip_tta`, `eval.postprocess`.
+        model: as `restore` returns it: {"params", "batch_stats"} or an `OnnxModel`.
+        config: a run config with the model's `model.*` and `data.*` fields and
+            `eval.batch_size`, `eval.flip_tta`, `eval.postprocess`.
         threshold: slice detection threshold (a slice below it gets an empty mask).
     """
 
-    def __init__(self, model, variables, config: ml_collections.ConfigDict, threshold: float):
+    def __init__(self, model, config: ml_collections.ConfigDict, threshold: float):
+        self.model = model
         self.config = config
         self.threshold = threshold
-        self.batch_size = config.eval.batch_size
         self.postprocess = config.eval.postprocess
-        self.flip_tta = config.eval.flip_tta
-        self.onnx = None
-        if isinstance(variables, export.OnnxModel):  # the graph holds its own weights
-            self.onnx = variables
-        else:
-            self.variables = jax.device_put(variables)  # once, not with every batch
-            self._infer = jax.jit(functools.partial(train.infer, model, flip_tta=self.flip_tta))
+        self._run = batch_probabilities(config)
 
     @classmethod
     def from_checkpoint(
         cls, path: str, config: ml_collections.ConfigDict | None = None, backend: str = ""
     ):
-        """Restores a workdir, checkpoint or exported model (`export.restore`).
+        """Restores a workdir, checkpoint or exported model (`restore`).
 
         Args:
             path: the checkpoint; with the onnx backend an .onnx file or a folder holding
-                `model.onnx` (`export.find_onnx`).
+                `model.onnx` (`find_onnx`).
             config: run config for the evaluation settings (`eval.*`); the model-defining
-                fields always come from the checkpoint (`evaluate.checkpoint_config`).
+                fields always come from the checkpoint (`checkpointing.checkpoint_config`).
                 None: the checkpoint's own config.
             backend: "jax" or "onnx" (ONNX Runtime); "" = `config.inference.backend`, or
                 "jax" without a config.
         """
         backend = backend or (config.inference.backend if config is not None else "jax")
-        variables, meta = export.restore(path, backend)
-        config = evaluate.checkpoint_config(
+        model, meta = restore(path, backend)
+        config = checkpointing.checkpoint_config(
             config or ml_collections.ConfigDict(meta["config"]), meta
         )
         threshold = meta.get("val_metrics", {}).get("detection_threshold", 0.5)
-        return cls(models.create_model(config.model), variables, config, threshold)
+        return cls(model, config, threshold)
 
     def preprocess(self, slices: list) -> np.ndarray:
         """One patient's slices -> model inputs.
@@ -104,30 +277,20 @@ class Predictor:
         Returns:
             [N, S, S, C] float32, S = `data.image_size`, C = `models.input_channels`.
         """
-        from resunet_jax import input_pipeline  # TensorFlow, only when predicting
-
         size = self.config.data.image_size
-        resized = np.stack(
-            [
-                input_pipeline.resize_example(
-                    {"image": s, "mask": np.zeros(s.shape[:2] + (1,), np.uint8)}, size
-                )["image"]
-                for s in slices
-            ]
-        )
+        resized = np.concatenate([preprocess.resize_images(s[None], size) for s in slices])
         method = self.config.data.normalization
         stats = None
         if method == "volume":
-            moments = np.asarray(input_pipeline.slice_moments(resized)).sum(axis=0)
-            stats = input_pipeline.volume_stats(moments)
+            stats = preprocess.volume_stats(preprocess.slice_moments(resized).sum(axis=0))
         k = self.config.data.get("context_slices", 0)
         if k:  # the slices in the given order are the volume's axis
             neighbours = context.context_rows(np.zeros(len(slices)), np.arange(len(slices)), k)
             resized = context.stack_context(resized, neighbours)
-        return np.asarray(input_pipeline.normalize(resized, method, stats))
+        return preprocess.normalize(resized, method, stats)
 
     def _probabilities(self, inputs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """The model call (one method, so another backend can replace it).
+        """The model call (one method, so a test can stand in for the model).
 
         Args:
             inputs: [N, S, S, C] float32 model inputs (`preprocess`).
@@ -135,20 +298,7 @@ class Predictor:
         Returns:
             ([N, S, S] float32 pixel probabilities, [N] float32 slice tumour probabilities).
         """
-        masks, tumors = [], []
-        for start in range(0, len(inputs), self.batch_size):
-            # Every batch padded to one size: one compilation.
-            batch, n = parallel.pad_batch(
-                {"image": inputs[start : start + self.batch_size]}, self.batch_size
-            )
-            if self.onnx is not None:
-                mask, tumor = self.onnx(batch["image"], self.flip_tta)
-            else:
-                mask, tumor = jax.device_get(self._infer(self.variables, batch["image"]))
-                mask = mask[..., 0]
-            masks.append(mask[:n])
-            tumors.append(tumor[:n])
-        return np.concatenate(masks), np.concatenate(tumors)
+        return self._run(self.model, inputs)
 
     def predict(self, images) -> Prediction:
         """Predicts one patient's slices (or any slices, with a per-slice model).

@@ -1,12 +1,11 @@
-"""tf.data input pipelines over prepared LGG data (the only module besides data/ using TF).
+"""Batch source "tfdata": training batches streamed from the prepared TFDS data.
 
-Train (batch source "tfdata"): patients -> resize (`preprocess`) -> cache -> neighbouring
-slices as channels (2.5-D, optional) -> repeat -> shuffle (or tumour-fraction sampling)
--> per-process shard -> batch -> uint8 `[local_devices, per_device_batch, H, W, C]`;
-augmentation and normalisation run on the devices, in the train step (`augment`).
-Eval: every slice of the chosen patients once (TFDS order, not slice order: consumers
-group by patient id and slice index), cached after resizing, in batches the evaluator
-pads to the device count.
+Patients -> resize (`preprocess`) -> cache -> neighbouring slices as channels (2.5-D,
+optional) -> repeat -> shuffle (or tumour-fraction sampling) -> per-process shard ->
+batch -> uint8 `[local_devices, per_device_batch, H, W, C]`. Augmentation and
+normalisation run on the devices, in the train step (`augment`); evaluation and
+prediction read numpy arrays (`data/arrays.py`). With `data/tfds_lgg.py`, the only
+modules that import TensorFlow.
 """
 
 import jax
@@ -15,70 +14,12 @@ import tensorflow as tf
 from absl import logging
 
 from resunet_jax import context, preprocess
-from resunet_jax.data import lgg
+from resunet_jax.data import tfds_lgg
 
 
 def _select_patients(dataset: tf.data.Dataset, patient_ids) -> tf.data.Dataset:
     wanted = tf.constant(sorted(patient_ids))
     return dataset.filter(lambda ex: tf.reduce_any(tf.equal(ex["patient_id"], wanted)))
-
-
-def resize_example(example, image_size: int, coverage: bool = False):
-    """Resizes one decoded example to the model's input side.
-
-    Args:
-        example: {"image": [H, W, 3] uint8, "mask": [H, W, 1] uint8 in {0, 1}, ...}.
-        image_size: output side S.
-        coverage: also return each output pixel's tumour coverage (`data.soft_masks`).
-
-    Returns:
-        The example with image [S, S, 3] uint8 and mask [S, S, 1] uint8 in {0, 1},
-        plus `orig_height`/`orig_width` (int32) to map predictions back, and with
-        `coverage` a "coverage" [S, S, 1] uint8: the tumour's share of the pixel × 255.
-    """
-    shape = tf.shape(example["image"])
-    image = tf.image.resize(example["image"], (image_size, image_size), antialias=True)
-    # Area-resize then threshold keeps small lesions in proportion when shrinking.
-    mask = tf.image.resize(tf.cast(example["mask"], tf.float32), (image_size, image_size), "area")
-    out = dict(
-        example,
-        image=tf.cast(tf.clip_by_value(tf.round(image), 0, 255), tf.uint8),
-        mask=tf.cast(mask >= 0.5, tf.uint8),
-        orig_height=shape[0],
-        orig_width=shape[1],
-    )
-    if coverage:
-        out["coverage"] = tf.cast(tf.round(255.0 * tf.clip_by_value(mask, 0.0, 1.0)), tf.uint8)
-    return out
-
-
-def normalize(image, method: str = "scale", stats=None):
-    """uint8 (or float in [0, 255]) [..., H, W, 3n] → float32 model input.
-
-    "scale": x / 255. "slice": each channel of each slice standardised to zero mean,
-    unit variance. "volume": each channel standardised by the mean and standard
-    deviation of x over its patient's non-zero pixels (`volume_stats`), so a lesion
-    is as bright as it is relative to that patient's scan, whatever the scanner's gain.
-
-    Args:
-        image: [..., H, W, 3n]: n slices' three channels (n > 1: `add_context`).
-        method: `data.normalization`.
-        stats: "volume" only: [..., 2, 3] per-channel (mean, std) of the image's volume.
-    """
-    image = tf.cast(image, tf.float32) / 255.0
-    if method == "scale":
-        return image
-    if method == "slice":
-        mean, var = tf.nn.moments(image, axes=[-3, -2], keepdims=True)
-        return (image - mean) / tf.sqrt(var + 1e-4)
-    if method == "volume":
-        if stats is None:
-            raise ValueError("data.normalization='volume' needs the volume's statistics")
-        stats = tf.cast(stats, tf.float32)
-        # Context slices (`add_context`) repeat the three channels: so do their stats.
-        stats = tf.concat([stats] * (image.shape[-1] // 3), axis=-1)
-        return (image - stats[..., 0:1, None, :]) / stats[..., 1:2, None, :]
-    raise ValueError(f"unknown normalization {method!r}")
 
 
 def _add_volume_stats(ds: tf.data.Dataset, patient_ids) -> tf.data.Dataset:
@@ -131,25 +72,6 @@ def add_context(ds: tf.data.Dataset, k: int) -> tf.data.Dataset:
     return ds.enumerate().map(add, tf.data.AUTOTUNE)
 
 
-def drop_sequences(image, missing):
-    """Fills missing sequences with the FLAIR, as the LGG data do where one was not acquired.
-
-    Args:
-        image: [..., S, S, 3n] (n slices of pre-contrast, FLAIR, post-contrast).
-        missing: [..., 2] bool (the leading dimensions of `image`'s): pre-contrast and
-            post-contrast missing.
-
-    Returns:
-        `image` with each missing sequence's channels replaced by the FLAIR's.
-    """
-    shape = tf.shape(image)
-    slices = tf.reshape(image, tf.concat([shape[:-1], [image.shape[-1] // 3, 3]], 0))
-    flair = slices[..., 1]
-    pre = tf.where(missing[..., None, None, :1], flair, slices[..., 0])
-    post = tf.where(missing[..., None, None, 1:], flair, slices[..., 2])
-    return tf.reshape(tf.stack([pre, flair, post], -1), shape)
-
-
 def _resize_for_training(example, image_size: int):
     """`preprocess.resize_images` / `resize_masks` on one example, in the tf.data graph."""
 
@@ -195,7 +117,9 @@ def create_train_dataset(
             f"batch_size per process ({per_process_batch}) must be divisible by the "
             f"{devices} local devices"
         )
-    ds = _select_patients(builder.as_dataset(split=lgg.SPLIT, shuffle_files=False), patient_ids)
+    ds = _select_patients(
+        builder.as_dataset(split=tfds_lgg.SPLIT, shuffle_files=False), patient_ids
+    )
     keep = ("image", "mask", "patient_id", "slice_index")
     ds = ds.map(lambda ex: {k: ex[k] for k in keep})
     ds = ds.map(lambda ex: _resize_for_training(ex, config.data.image_size), tf.data.AUTOTUNE)
@@ -242,51 +166,6 @@ def create_train_dataset(
         )
     )
     return ds.prefetch(tf.data.AUTOTUNE)
-
-
-def create_eval_dataset(builder, patient_ids, config, batch_size: int) -> tf.data.Dataset:
-    """Every slice of `patient_ids` once, cached after resizing.
-
-    With `eval.missing_sequences` set, the named sequences are replaced by the FLAIR
-    (`drop_sequences`): how the model fares on a patient without them.
-
-    Returns:
-        Dataset of {"image": float32 [b, S, S, 3n] (n = 2 data.context_slices + 1),
-        "mask": uint8 [b, S, S, 1],
-        "display": uint8 [b, S, S, 3] (the resized slice before normalisation),
-        "original_mask": uint8 [b, H, W, 1] (the mask as read; slices smaller than the
-        batch's largest are zero-padded right and below), "patient_id": string [b],
-        "slice_index": int32 [b], "orig_height"/"orig_width"}, b <= batch_size (the
-        last batch may be short).
-    """
-    ds = _select_patients(builder.as_dataset(split=lgg.SPLIT, shuffle_files=False), patient_ids)
-    ds = ds.map(
-        lambda ex: resize_example(dict(ex, original_mask=ex["mask"]), config.data.image_size),
-        tf.data.AUTOTUNE,
-    )
-    ds = ds.cache()
-    if config.data.normalization == "volume":
-        ds = _add_volume_stats(ds, patient_ids)
-    ds = add_context(ds.map(lambda ex: dict(ex, display=ex["image"])), config.data.context_slices)
-    missing = config.eval.missing_sequences
-    if missing:
-        ds = ds.map(lambda ex: _drop_example_sequences(ex, preprocess.MISSING_SEQUENCES[missing]))
-    ds = ds.map(
-        lambda ex: dict(
-            ex, image=normalize(ex["image"], config.data.normalization, ex.get("norm"))
-        ),
-        tf.data.AUTOTUNE,
-    )
-    return ds.padded_batch(batch_size).prefetch(tf.data.AUTOTUNE)
-
-
-def _drop_example_sequences(ex, missing):
-    """`drop_sequences` on one example (and its volume statistics, if any)."""
-    missing = tf.constant(missing)
-    ex = dict(ex, image=drop_sequences(ex["image"], missing))
-    if "norm" in ex:  # [2, 3] mean and std per sequence: FLAIR's for the missing ones
-        ex["norm"] = drop_sequences(ex["norm"][None], missing)[0]
-    return ex
 
 
 def as_numpy(ds: tf.data.Dataset):

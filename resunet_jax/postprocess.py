@@ -1,5 +1,6 @@
 """From model outputs to masks: back to each slice's own size, 3D post-processing."""
 
+import jax
 import numpy as np
 from scipy import ndimage
 
@@ -22,16 +23,17 @@ def probabilities_at_original_size(prob_maps, heights, widths):
         [N, max(heights), max(widths)] float32, each slice's map in its top-left h x w
         corner and 0 beyond it (so that slices of different sizes stack).
     """
-    import tensorflow as tf  # only here: the rest of the module is numpy/scipy
-
     heights, widths = np.asarray(heights), np.asarray(widths)
     out = np.zeros((len(heights), heights.max(), widths.max()), np.float32)
     sizes = np.stack([heights, widths], axis=1)
     # One resize call per distinct size (one per batch for the LGG data).
     for h, w in np.unique(sizes, axis=0):
         rows = np.flatnonzero((sizes == (h, w)).all(axis=1))
-        probs = tf.image.resize(np.asarray(prob_maps)[rows, ..., None], (h, w)).numpy()
-        out[rows, :h, :w] = probs[..., 0]
+        # Plain bilinear, half-pixel centres: tf.image.resize's default, which this was.
+        probs = jax.image.resize(
+            np.asarray(prob_maps, np.float32)[rows], (len(rows), h, w), "linear", antialias=False
+        )
+        out[rows, :h, :w] = np.asarray(probs)
     return out
 
 

@@ -1,13 +1,17 @@
-"""Training: TrainState, the pmap-ed train/eval steps, and the training loop.
+"""Training: TrainState, the pmap-ed train step, and the training loop.
 
-The step functions and everything above `train_and_evaluate` import no TensorFlow,
-so they run where TF is absent (benchmarks on a GPU machine).
+Both batch sources (`data.pipeline`) feed the one step: "tfdata" streams uint8 batches
+from the host (`input_pipeline`, the only TensorFlow here, imported only for it),
+"device" keeps the training split on the devices (`device_source`). The step samples
+(device source), augments (`augment`), trains and averages the weights.
 """
 
 import functools
+import itertools
 import signal
 import threading
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import flax.linen as nn
@@ -24,11 +28,14 @@ from resunet_jax import (
     checkpointing,
     device_source,
     errors,
+    evaluate,
     losses,
     metrics,
     models,
     parallel,
+    summaries,
 )
+from resunet_jax.data import arrays, sources
 
 
 class TrainState(train_state.TrainState):
@@ -224,17 +231,24 @@ def train_step(
     return new_state, {"loss": loss, "dice": dice}
 
 
-def batch_preparation(config: ml_collections.ConfigDict, axis_name=parallel.AXIS_NAME):
+def batch_preparation(
+    config: ml_collections.ConfigDict, num_devices: int | None = None, axis_name=parallel.AXIS_NAME
+):
     """The train step's first stage for `config.data.pipeline`: source batch -> model batch.
 
     "tfdata": the device's uint8 slices are augmented and normalised. "device": the
     resident training split (`device_source.put`) is sampled first, each example by its
     own key, so the global batch is the same on any number of devices.
 
+    Args:
+        config: run config (batch_size, data.*, augment).
+        num_devices: devices the global batch is split over (default: all).
+        axis_name: the pmap axis.
+
     Returns:
         `prepare(key, batch)` for `train_step`.
     """
-    per_device = config.batch_size // jax.device_count()
+    per_device = config.batch_size // (num_devices or jax.device_count())
 
     def prepare(key, batch):
         keys = augment.example_keys(key, per_device, axis_name)
@@ -246,55 +260,24 @@ def batch_preparation(config: ml_collections.ConfigDict, axis_name=parallel.AXIS
     return prepare
 
 
-def pmapped_train_step(config: ml_collections.ConfigDict, prepare: bool = True):
+def pmapped_train_step(config: ml_collections.ConfigDict, prepare: bool = True, devices=None):
     """`train_step` for `config` (loss, detection head, moving average, seed), pmap-ed.
 
     Args:
         config: run config.
         prepare: start from what `config.data.pipeline`'s source yields
             (`batch_preparation`); False: from ready model batches.
+        devices: the devices to run on (default: all).
     """
     step = functools.partial(
         train_step,
         loss_fn=losses.get_loss(config.loss),
-        prepare=batch_preparation(config) if prepare else None,
+        prepare=batch_preparation(config, devices and len(devices)) if prepare else None,
         seed=config.seed,
         detection_weight=config.detection_loss_weight if config.model.detection_head else 0.0,
         ema_decay=config.ema_decay,
     )
-    return parallel.pmap_step(step)
-
-
-def infer(model, variables, images, flip_tta: bool = False):
-    """Pixel and slice tumour probabilities, optionally averaged with the mirrored slice.
-
-    Args:
-        model: the ResUNet.
-        variables: {"params", "batch_stats"}.
-        images: [b, S, S, 3] model inputs.
-        flip_tta: also predict the left-right mirrored slice and average (test-time
-            augmentation; brains are roughly left-right symmetric).
-
-    Returns:
-        (mask probabilities [b, S, S, 1], tumour probabilities [b]), float32.
-    """
-    out = model.apply(variables, images, train=False)
-    mask, tumor = jax.nn.sigmoid(out["mask"]), jax.nn.sigmoid(out["tumor"])
-    if flip_tta:
-        mirrored = model.apply(variables, images[:, :, ::-1], train=False)
-        mask = 0.5 * (mask + jax.nn.sigmoid(mirrored["mask"])[:, :, ::-1])
-        tumor = 0.5 * (tumor + jax.nn.sigmoid(mirrored["tumor"]))
-    return mask, tumor
-
-
-def predict_step(variables, batch, *, model, flip_tta: bool = False):
-    """Pixel and slice tumour probabilities for one batch (run under pmap).
-
-    Returns:
-        (None, {"mask": [b, S, S] float32, "tumor": [b] float32}).
-    """
-    mask, tumor = infer(model, variables, batch["image"], flip_tta)
-    return None, {"mask": mask[..., 0], "tumor": tumor}
+    return parallel.pmap_step(step, devices)
 
 
 def training_patients(earlier: list, this_run) -> list:
@@ -326,8 +309,6 @@ def check_patients_left_to_validate(source, train_patients: list) -> None:
     Raises:
         errors.DataError: eval.split=val and every patient of `data.dir` is in `train_patients`.
     """
-    from resunet_jax import evaluate  # imports this module
-
     seen_val = sorted(set(source.val_ids) & set(train_patients))
     if seen_val:
         logging.warning(
@@ -338,10 +319,6 @@ def check_patients_left_to_validate(source, train_patients: list) -> None:
             ", ".join(seen_val),
         )
     evaluate.patients_to_evaluate(source, train_patients)  # its refusal, before training
-
-
-def pmapped_predict_step(model, flip_tta: bool = False):
-    return parallel.pmap_step(functools.partial(predict_step, model=model, flip_tta=flip_tta))
 
 
 def _mean_metrics(history: list[dict]) -> dict:
@@ -364,23 +341,49 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         checkpointing.CheckpointError: another run is training in `workdir`, or its
             checkpoints do not fit this config.
     """
-    # TF-dependent modules are imported here and in _train_and_evaluate, so the step
-    # functions above stay TF-free (benchmarks/train_on_device.py runs them without TF).
-    from resunet_jax.data import sources
-
     # The lock comes first: a second run started alongside must stop before it writes
     # anything (the synthetic data, prepared data, a summary file).
     with checkpointing.workdir_lock(workdir):
-        source = sources.open_source(config, workdir)
+        source = sources.open_source(config, workdir, tfds=config.data.pipeline == "tfdata")
         return _train_and_evaluate(source.config, workdir, source)
+
+
+def batches(source, config: ml_collections.ConfigDict, seed: int) -> Iterator:
+    """What the train step takes each step, from `config.data.pipeline`'s source.
+
+    Args:
+        source: the opened data source (with its TFDS for "tfdata").
+        config: run config.
+        seed: the tf.data order's seed (a resumed run continues with a fresh but
+            reproducible order); the device source's draws follow the step number.
+
+    Returns:
+        An endless iterator of device batches: "tfdata" the next uint8 batch, laid out
+        [local_devices, b, ...]; "device" the same resident training split every step.
+    """
+    if config.data.pipeline == "device":
+        slices = arrays.load(
+            source.data_dir,
+            source.slices,
+            source.train_ids,
+            config.data.image_size,
+            sources.prepared_root(config),
+        )
+        return itertools.repeat(device_source.put(device_source.training_arrays(slices, config)))
+    from resunet_jax import input_pipeline  # TensorFlow
+
+    train_ds = input_pipeline.create_train_dataset(
+        source.builder,
+        source.train_ids,
+        config,
+        per_process_batch=config.batch_size // jax.process_count(),
+        seed=seed,
+    )
+    return parallel.prefetch_to_device(input_pipeline.as_numpy(train_ds))
 
 
 def _train_and_evaluate(config, workdir, source):
     """train_and_evaluate once the data are checked and the workdir is this run's."""
-    from flax.metrics import tensorboard
-
-    from resunet_jax import evaluate, input_pipeline
-
     model = models.create_model(config.model)
     rng = jax.random.key(config.seed)
     state = create_train_state(rng, config, model)
@@ -403,18 +406,10 @@ def _train_and_evaluate(config, workdir, source):
     start_step = int(state.step)
 
     global_batch = config.batch_size
-    train_ds = input_pipeline.create_train_dataset(
-        source.builder,
-        source.train_ids,
-        config,
-        per_process_batch=global_batch // jax.process_count(),
-        # A resumed run continues with a fresh (but reproducible) data order.
-        seed=config.seed + start_step,
-    )
-    train_iter = parallel.prefetch_to_device(input_pipeline.as_numpy(train_ds))
+    train_iter = batches(source, config, seed=config.seed + start_step)
     evaluator = evaluate.Evaluator(source, config, source.val_ids)
     step_fn = pmapped_train_step(config)
-    writer = tensorboard.SummaryWriter(f"{workdir}/tensorboard")
+    writer = summaries.SummaryWriter(f"{workdir}/tensorboard")
 
     logging.info(
         "Training %d -> %d steps, global batch %d over %d devices, %d train / %d val patients",

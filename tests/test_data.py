@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 import tifffile
 
-from resunet_jax.data import lgg
+from resunet_jax import preprocess
+from resunet_jax.data import arrays, lgg, tfds_lgg
 
 
 def _write_patient(root, pid, n, compression=None, size=16):
@@ -83,13 +84,70 @@ def test_prepare_builds_tfds_once_and_round_trips_pixels(tmp_path):
     src = tmp_path / "src"
     _write_patient(src, "P", 3, compression="zlib")
     slices = lgg.discover(str(src))
-    builder = lgg.prepare(str(src), str(tmp_path / "prep"), slices)
+    builder = tfds_lgg.prepare(str(src), str(tmp_path / "prep"), slices)
     examples = sorted(
-        builder.as_dataset(split=lgg.SPLIT).as_numpy_iterator(), key=lambda e: e["slice_index"]
+        builder.as_dataset(split=tfds_lgg.SPLIT).as_numpy_iterator(), key=lambda e: e["slice_index"]
     )
     assert [e["slice_index"] for e in examples] == [1, 2, 3]
     np.testing.assert_array_equal(examples[0]["image"], lgg.read_image(slices[0].image_path))
     np.testing.assert_array_equal(examples[0]["mask"][..., 0], lgg.read_mask(slices[0].mask_path))
     prepared = os.listdir(tmp_path / "prep")
-    lgg.prepare(str(src), str(tmp_path / "prep"), slices)  # reused, not prepared again
+    tfds_lgg.prepare(str(src), str(tmp_path / "prep"), slices)  # reused, not prepared again
     assert os.listdir(tmp_path / "prep") == prepared
+
+
+def test_arrays_are_the_slices_as_read_and_resized_in_patient_then_slice_order(tmp_path):
+    _write_patient(tmp_path / "src", "Q", 2, size=20)
+    _write_patient(tmp_path / "src", "P", 11)
+    slices = lgg.discover(str(tmp_path / "src"))
+    out = arrays.load(str(tmp_path / "src"), slices, ["Q", "P"], 8, str(tmp_path / "prep"))
+
+    assert out["patient_id"].tolist() == ["P"] * 11 + ["Q"] * 2
+    assert out["slice_index"].tolist() == list(range(1, 12)) + [1, 2]
+    assert out["image"].shape == (13, 8, 8, 3) and out["mask"].shape == (13, 8, 8, 1)
+    assert out["original_mask"].shape == (13, 20, 20)  # the largest slice
+    assert out["orig_height"].tolist() == [16] * 11 + [20] * 2
+    for i, s in enumerate(slices):
+        image, mask = lgg.read_slice(s)
+        np.testing.assert_array_equal(out["image"][i], preprocess.resize_images(image[None], 8)[0])
+        np.testing.assert_array_equal(out["mask"][i], preprocess.resize_masks(mask[None], 8)[0])
+        h, w = mask.shape
+        np.testing.assert_array_equal(out["original_mask"][i, :h, :w], mask)
+        assert not out["original_mask"][i, h:].any() and not out["original_mask"][i, :, w:].any()
+
+
+def test_arrays_are_cached_and_an_edited_folder_is_read_again(tmp_path, monkeypatch):
+    src, prep = str(tmp_path / "src"), str(tmp_path / "prep")
+    _write_patient(src, "P", 3)
+    _write_patient(src, "Q", 2)
+    first = arrays.load(src, lgg.discover(src), ["P"], 8, prep)
+    read_slice = lgg.read_slice
+
+    def refuse(s):
+        raise AssertionError(f"{s.image_path} read again")
+
+    monkeypatch.setattr(lgg, "read_slice", refuse)
+    again = arrays.load(src, lgg.discover(src), ["P"], 8, prep)
+    for k in first:
+        np.testing.assert_array_equal(again[k], first[k])
+
+    # An edited slice changes the folder's fingerprint: its slices are read again.
+    monkeypatch.setattr(lgg, "read_slice", read_slice)
+    path = os.path.join(src, "P", "P_2.tif")
+    tifffile.imwrite(path, np.full((16, 16, 3), 200, np.uint8))
+    edited = arrays.load(src, lgg.discover(src), ["P"], 8, prep)
+    assert (edited["image"][1] == 200).all() and not (first["image"][1] == 200).all()
+    np.testing.assert_array_equal(edited["image"][0], first["image"][0])
+
+
+def test_arrays_name_every_unusable_file_and_cache_nothing(tmp_path):
+    src, prep = str(tmp_path / "src"), str(tmp_path / "prep")
+    _write_patient(src, "P", 2)
+    _write_patient(src, "Q", 2)
+    (tmp_path / "src" / "P" / "P_1.tif").write_bytes(b"not a tiff")
+    tifffile.imwrite(tmp_path / "src" / "Q" / "Q_2_mask.tif", np.full((16, 16), 7, np.uint8))
+    with pytest.raises(lgg.DataError, match="2 unusable file") as e:
+        arrays.load(src, lgg.discover(src), ["P", "Q"], 8, prep)
+    assert "P_1.tif: unreadable TIFF" in str(e.value)
+    assert "Q_2_mask.tif: mask values" in str(e.value)
+    assert not any(files for _, _, files in os.walk(prep))

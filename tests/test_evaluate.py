@@ -5,16 +5,17 @@ import numpy as np
 import pytest
 
 from configs import resunet, tiny
-from resunet_jax import evaluate, models, train
+from resunet_jax import checkpointing, evaluate, inference, models, train
 from resunet_jax.data import lgg
 
 
 def test_masks_are_judged_at_the_slices_original_size(tiny_data, tmp_path):
     config = tiny.get_config()
     config.data.image_size = 64  # the model sees 64 px; the slices are 32 px
+    config.data.prepared_dir = str(tmp_path)
     slices = lgg.discover(tiny_data)
     ids = lgg.patient_ids(slices)[:2]
-    source = types.SimpleNamespace(builder=lgg.prepare(tiny_data, str(tmp_path), slices))
+    source = types.SimpleNamespace(data_dir=tiny_data, slices=slices)
     state = train.create_train_state(jax.random.key(0), config, models.create_model(config.model))
     variables = {"params": state.params, "batch_stats": state.batch_stats}
     cols = evaluate.Evaluator(source, config, ids).predict(variables)
@@ -65,13 +66,38 @@ def test_evaluation_scores_only_patients_the_checkpoint_never_saw():
 
 def test_checkpoint_config_takes_every_model_field(caplog):
     config = resunet.get_config()
-    assert {f"model.{k}" for k in config.model} <= set(evaluate.MODEL_FIELDS)
+    assert {f"model.{k}" for k in config.model} <= set(checkpointing.MODEL_FIELDS)
     saved = resunet.get_config().to_dict()
     saved["model"]["features"] = [32, 64]
     with caplog.at_level("WARNING"):
-        restored = evaluate.checkpoint_config(config, {"config": saved})
+        restored = checkpointing.checkpoint_config(config, {"config": saved})
     assert tuple(restored.model.features) == (32, 64)
     # One warning: for the field that differs.
     assert [r.getMessage() for r in caplog.records if "checkpoint's" in r.getMessage()] == [
         "Using the checkpoint's model.features=[32, 64] (the config had [32, 64, 128])"
     ]
+
+
+def test_evaluation_predicts_what_the_predictor_predicts(tiny_data, tmp_path):
+    config = tiny.get_config()
+    config.data.image_size = 48  # resized in and out
+    config.data.normalization = "volume"
+    config.data.context_slices = 1
+    config.data.prepared_dir = str(tmp_path)
+    config.model.detection_head = True
+    slices = lgg.discover(tiny_data)
+    ids = lgg.patient_ids(slices)[:2]
+    model = models.create_model(config.model)
+    state = train.create_train_state(jax.random.key(0), config, model)
+    variables = {"params": state.params, "batch_stats": state.batch_stats}
+    source = types.SimpleNamespace(data_dir=tiny_data, slices=slices)
+    evaluator = evaluate.Evaluator(source, config, ids)
+    cols = evaluator.predict(variables)
+
+    predictor = inference.Predictor(variables, config, threshold=0.5)
+    for pid in ids:
+        rows = np.flatnonzero(cols["patient_id"] == pid)
+        images = [lgg.read_slice(s)[0] for s in slices if s.patient_id == pid]
+        np.testing.assert_array_equal(predictor.preprocess(images), evaluator.inputs(rows))
+        result = predictor.predict(images)
+        np.testing.assert_allclose(result.tumor_probabilities, cols["tumor_prob"][rows], atol=1e-5)

@@ -17,6 +17,7 @@ from resunet_jax import (
     errors,
     evaluate,
     export,
+    inference,
     models,
     predict,
     train,
@@ -91,12 +92,12 @@ def _slices(tiny_data, n=6, channels=3):
 def _jax_probabilities(checkpoint, images):
     variables, meta = checkpointing.restore_model(checkpoint)
     model = models.create_model(meta["config"]["model"], axis_name=None)
-    mask, tumor = jax.jit(lambda x: train.infer(model, variables, x))(images)
+    mask, tumor = jax.jit(lambda x: inference.infer(model, variables, x))(images)
     return np.asarray(mask[..., 0]), np.asarray(tumor)
 
 
 def _assert_same_probabilities(onnx_path, checkpoint, images):
-    model = export.OnnxModel(onnx_path)
+    model = inference.OnnxModel(onnx_path)
     want_mask, want_tumor = _jax_probabilities(checkpoint, images)
     for batch in (1, len(images)):  # the batch dimension is dynamic
         mask, tumor = model(images[:batch])
@@ -217,7 +218,7 @@ def test_onnx_backend_errors_name_the_fix(tmp_path):
     config.checkpoint = checkpoint
     config.inference.backend = "onnx"
     with pytest.raises(checkpointing.CheckpointError, match="--mode=export"):
-        export.restore(checkpoint, "onnx")
+        inference.restore(checkpoint, "onnx")
     config.inference.backend = "tensorrt"
     with pytest.raises(errors.ConfigError, match="inference.backend='tensorrt': must be one of"):
         config_checks.validate(config, "eval")
@@ -231,7 +232,7 @@ def test_onnx_backend_errors_name_the_fix(tmp_path):
 
 def test_shipped_onnx_is_the_shipped_checkpoint(tiny_data):
     """pretrained/resunet_lgg/model.onnx is the export of the checkpoint beside it."""
-    model = export.OnnxModel(export.find_onnx(SHIPPED))
+    model = inference.OnnxModel(inference.find_onnx(SHIPPED))
     _, meta = checkpointing.restore_model(SHIPPED)
     assert model.meta == meta
     assert model.card["detection_threshold"] == meta["val_metrics"]["detection_threshold"]

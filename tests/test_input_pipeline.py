@@ -1,5 +1,6 @@
 import itertools
 import os
+import types
 
 import jax
 import numpy as np
@@ -7,8 +8,8 @@ import pytest
 import tifffile
 
 from configs import tiny
-from resunet_jax import input_pipeline, preprocess
-from resunet_jax.data import lgg
+from resunet_jax import evaluate, input_pipeline, preprocess
+from resunet_jax.data import lgg, tfds_lgg
 
 
 def _config(image_size=32):
@@ -18,7 +19,7 @@ def _config(image_size=32):
 
 
 def _builder(tiny_data, tmp_path):
-    return lgg.prepare(tiny_data, str(tmp_path / "prep"), lgg.discover(tiny_data))
+    return tfds_lgg.prepare(tiny_data, str(tmp_path / "prep"), lgg.discover(tiny_data))
 
 
 def test_train_batches_are_laid_out_per_device(tiny_data, tmp_path):
@@ -51,16 +52,12 @@ def test_tumour_fraction_sets_the_share_of_tumour_slices(tiny_data, tmp_path, fr
         assert has_tumor.all() if fraction else not has_tumor.any()
 
 
-def test_eval_dataset_visits_each_slice_of_the_patients_once(tiny_data, tmp_path):
-    builder = _builder(tiny_data, tmp_path)
-    ids = lgg.patient_ids(lgg.discover(tiny_data))
-    ds = input_pipeline.create_eval_dataset(builder, ids[:2], _config(64), batch_size=5)
-    batches = list(input_pipeline.as_numpy(ds))
-    keys = [(p, i) for b in batches for p, i in zip(b["patient_id"], b["slice_index"], strict=True)]
-    assert sorted(keys) == [(p, i) for p in ids[:2] for i in range(1, 7)]
-    assert batches[0]["image"].shape[1:] == (64, 64, 3)
-    assert batches[0]["orig_height"][0] == 32
-    assert batches[0]["original_mask"].shape[1:] == (32, 32, 1)  # as read, not resized
+def _eval_inputs(data_dir, ids, config, tmp_path):
+    """Evaluation's model inputs of `ids` [N, S, S, C] and its slices, in slice order."""
+    config.data.prepared_dir = str(tmp_path / "prep")
+    source = types.SimpleNamespace(data_dir=data_dir, slices=lgg.discover(data_dir))
+    evaluator = evaluate.Evaluator(source, config, ids)
+    return evaluator.inputs(np.arange(len(evaluator.slices["image"]))), evaluator.slices
 
 
 def test_volume_normalisation_standardises_each_patient_whatever_its_gain(tiny_data, tmp_path):
@@ -76,22 +73,18 @@ def test_volume_normalisation_standardises_each_patient_whatever_its_gain(tiny_d
             )
             tifffile.imwrite(tmp_path / "data" / name / f"{name}_{s.index}_mask.tif", mask * 255)
     data = str(tmp_path / "data")
-    builder = lgg.prepare(data, str(tmp_path / "prep"), lgg.discover(data))
+    builder = tfds_lgg.prepare(data, str(tmp_path / "prep"), lgg.discover(data))
     config = _config()
     config.data.normalization = "volume"
     ids = ["TCGA_AA_0001_20000101", "TCGA_BB_0002_20000101"]
-    batches = list(
-        input_pipeline.as_numpy(input_pipeline.create_eval_dataset(builder, ids, config, 64))
-    )
+    inputs, slices = _eval_inputs(data, ids, config, tmp_path)
     images = {}
     for p in ids:
-        order = np.concatenate([b["slice_index"][b["patient_id"] == p] for b in batches])
-        image = np.concatenate([b["image"][b["patient_id"] == p] for b in batches])
-        display = np.concatenate([b["display"][b["patient_id"] == p] for b in batches])
-        brain = display.max(-1) > 0
+        image = inputs[slices["patient_id"] == p]
+        brain = slices["image"][slices["patient_id"] == p].max(-1) > 0
         np.testing.assert_allclose(image[brain].mean(0), 0.0, atol=1e-4)
         np.testing.assert_allclose(image[brain].std(0), 1.0, atol=2e-3)
-        images[p] = image[np.argsort(order)]
+        images[p] = image
     # Resizing rounds to uint8, so the copies differ by up to a grey level.
     np.testing.assert_allclose(images[ids[0]], images[ids[1]], atol=0.1)
     assert np.abs(images[ids[0]] - images[ids[1]]).mean() < 0.01
@@ -124,15 +117,11 @@ def test_context_slices_add_the_neighbours_channels_around_the_slice(tiny_data, 
     np.testing.assert_array_equal(batches[1]["image"][..., 3:6], batches[0]["image"])
     np.testing.assert_array_equal(batches[1]["mask"], batches[0]["mask"])
     # Evaluation: channels 0-2 hold the previous slice of the same patient, 6-8 the next.
-    (batch,) = input_pipeline.as_numpy(
-        input_pipeline.create_eval_dataset(builder, ids[:2], context, 64)
-    )
-    assert batch["display"].shape[-1] == 3
+    inputs, slices = _eval_inputs(tiny_data, ids[:2], context, tmp_path)
     for p in ids[:2]:
-        mine = batch["patient_id"] == p
-        order = np.argsort(batch["slice_index"][mine])
-        x = batch["image"][mine][order]
-        np.testing.assert_allclose(x[..., 3:6], batch["display"][mine][order] / 255.0, atol=1e-6)
+        mine = slices["patient_id"] == p
+        x = inputs[mine]
+        np.testing.assert_allclose(x[..., 3:6], slices["image"][mine] / 255.0, atol=1e-6)
         np.testing.assert_array_equal(x[1:, ..., 0:3], x[:-1, ..., 3:6])
         np.testing.assert_array_equal(x[:-1, ..., 6:9], x[1:, ..., 3:6])
         np.testing.assert_array_equal(x[0, ..., 0:3], x[0, ..., 3:6])  # the ends repeat
@@ -140,14 +129,12 @@ def test_context_slices_add_the_neighbours_channels_around_the_slice(tiny_data, 
 
 
 def test_eval_can_score_as_if_sequences_were_missing(tiny_data, tmp_path):
-    builder = _builder(tiny_data, tmp_path)
     ids = lgg.patient_ids(lgg.discover(tiny_data))[:1]
     config = _config()
 
     def images(missing):
         config.eval.missing_sequences = missing
-        ds = input_pipeline.create_eval_dataset(builder, ids, config, 64)
-        return next(input_pipeline.as_numpy(ds))["image"]
+        return _eval_inputs(tiny_data, ids, config, tmp_path)[0]
 
     full, pre, both = images(""), images("pre"), images("both")
     assert not np.array_equal(full[..., 0], full[..., 1])

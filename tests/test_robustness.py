@@ -17,7 +17,7 @@ import tifffile
 
 from configs import tiny
 from resunet_jax import checkpointing, train
-from resunet_jax.data import lgg, sources, synthetic
+from resunet_jax.data import arrays, lgg, sources, synthetic, tfds_lgg
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -195,9 +195,16 @@ def test_bad_data_is_reported_before_training_naming_the_file(tmp_path, fault, m
     config = tiny.get_config()
     config.data.dir = str(tmp_path / "data")
     config.data.prepared_dir = str(tmp_path / "prepared")
-    with pytest.raises(lgg.DataError, match=message):
-        sources.open_source(config, str(tmp_path / "work"))
+    with pytest.raises(lgg.DataError, match=message):  # the tfdata source prepares
+        sources.open_source(config, str(tmp_path / "work"), tfds=True)
     assert not os.path.exists(tmp_path / "work")
+
+    def device_source_reads():  # the device source and evaluation read the arrays
+        source = sources.open_source(config, str(tmp_path / "work"), split=False)
+        arrays.load(source.data_dir, source.slices, source.patient_ids, 32, str(tmp_path / "p"))
+
+    with pytest.raises(lgg.DataError, match=message):
+        device_source_reads()
 
 
 def test_empty_folder_and_too_few_patients_are_reported(tmp_path):
@@ -292,5 +299,7 @@ def test_checkpoints_and_prepared_data_load_without_pickle(trained, tmp_path, mo
     assert meta["step"] in (3, 6) and jax.tree.leaves(variables)  # the better validated
     config = tiny.get_config()
     config.data.prepared_dir = os.path.join(trained, "prepared")
-    source = sources.open_source(config, trained)
-    assert len(list(source.builder.as_dataset(split=lgg.SPLIT).take(2))) == 2
+    source = sources.open_source(config, trained, tfds=True)
+    assert len(list(source.builder.as_dataset(split=tfds_lgg.SPLIT).take(2))) == 2
+    slices = arrays.load(source.data_dir, source.slices, source.patient_ids[:1], 32, str(tmp_path))
+    assert len(slices["image"]) == 6

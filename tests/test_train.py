@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from configs import tiny
-from resunet_jax import checkpointing, losses, models, parallel, train
-from resunet_jax.data import lgg, sources
+from resunet_jax import checkpointing, device_source, losses, models, parallel, train
+from resunet_jax.data import arrays, lgg, sources
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -245,3 +245,51 @@ def test_launch_trains_evaluates_and_resumes(tmp_path):
     log = _launch(workdir, "--config.num_train_steps=9")
     assert "Resuming from step 6" in log
     assert os.path.isdir(os.path.join(workdir, "checkpoints", "9"))
+
+
+def test_device_source_on_two_devices_equals_one_device(tiny_data, tmp_path):
+    # The whole step: sampling from the resident split, augmentation, training. Each
+    # example draws by its index in the global batch, so the devices split one batch.
+    config = tiny.get_config()
+    config.data.pipeline = "device"
+    config.optimizer.name = "sgd"  # as in the test above: Adam magnifies round-off
+    config.optimizer.learning_rate = 0.05
+    config.optimizer.warmup_steps = 0
+    slices = lgg.discover(tiny_data)
+    ids = lgg.patient_ids(slices)[:4]
+    resident = device_source.training_arrays(
+        arrays.load(tiny_data, slices, ids, 32, str(tmp_path)), config
+    )
+    assert len(resident["tumor"]) + len(resident["clean"]) == len(resident["image"]) == 24
+    state = train.create_train_state(jax.random.key(0), config, models.create_model(config.model))
+    results = []
+    for n in (1, 2):
+        step = train.pmapped_train_step(config, devices=jax.local_devices()[:n])
+        data = {k: np.broadcast_to(v, (n, *v.shape)) for k, v in resident.items()}
+        s = state
+        for _ in range(3):
+            s, m = step(s, data)
+        results.append((jax.device_get(s), jax.device_get(m)))
+    (one, m1), (two, m2) = results
+    assert int(two.step) == 3
+    np.testing.assert_allclose(m2["loss"], [m1["loss"][0]] * 2, rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(one.params), jax.tree.leaves(two.params), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_device_source_draws_tumour_slices_at_the_set_fraction(tiny_data, tmp_path):
+    config = tiny.get_config()
+    slices = lgg.discover(tiny_data)
+    loaded = arrays.load(tiny_data, slices, lgg.patient_ids(slices), 32, str(tmp_path))
+    keys = jax.random.split(jax.random.key(0), 400)
+    for fraction in (0.0, 0.5, 1.0):
+        config.data.tumor_fraction = fraction
+        resident = device_source.training_arrays(loaded, config)
+        batch = jax.jit(lambda k, d, f=fraction: device_source.sample(k, d, f))(keys, resident)
+        assert batch["image"].shape == (400, 32, 32, 3) and batch["image"].dtype == np.uint8
+        share = float(np.mean(np.asarray(batch["mask"]).any(axis=(1, 2, 3))))
+        assert abs(share - fraction) < 0.08
+        # Every drawn slice is one of the resident slices, with its own mask.
+        for i in range(0, 400, 97):
+            row = np.flatnonzero((loaded["image"] == batch["image"][i]).all(axis=(1, 2, 3)))
+            np.testing.assert_array_equal(loaded["mask"][row[0]], batch["mask"][i])

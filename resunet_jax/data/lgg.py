@@ -1,10 +1,10 @@
-"""The LGG MRI dataset in the Kaggle `kaggle_3m` layout: discovery, decoding, splits, TFDS.
+"""The LGG MRI dataset in the Kaggle `kaggle_3m` layout: discovery, decoding, splits.
 
 A data folder holds one folder per patient, each with `<patient>_<k>.tif` images
 (H x W x 3 uint8: pre-contrast, FLAIR, post-contrast) and `<patient>_<k>_mask.tif`
 masks (H x W, 0/255). Slice numbers are not zero-padded, so slices sort numerically.
-TFDS cannot decode TIFF: `LggBuilder` decodes with tifffile and stores lossless PNG,
-once per source folder (see `prepared_dir`).
+No TensorFlow: the prepared forms of a folder (`tfds_lgg`, `arrays`) are keyed by its
+`fingerprint` and built from `read_slice`.
 """
 
 import dataclasses
@@ -13,7 +13,6 @@ import os
 import re
 
 import numpy as np
-import tensorflow_datasets as tfds
 import tifffile
 
 from resunet_jax.errors import DataError  # also importable from here
@@ -114,6 +113,13 @@ def validate(slices: list[Slice]) -> list[str]:
     return problems
 
 
+def unusable_files(data_dir: str, problems: list[str]) -> DataError:
+    """The one error that names every unusable file of `data_dir` (`validate`'s lines)."""
+    return DataError(
+        f"{data_dir}: {len(problems)} unusable file(s), nothing prepared:\n" + "\n".join(problems)
+    )
+
+
 def read_tif(path: str) -> np.ndarray:
     """Reads any TIFF as an array; a damaged or non-TIFF file raises DataError naming it."""
     try:
@@ -164,70 +170,3 @@ def fingerprint(data_dir: str, slices: list[Slice]) -> str:
                 f"{os.path.relpath(path, data_dir)}:{stat.st_size}:{stat.st_mtime_ns}".encode()
             )
     return digest.hexdigest()[:16]
-
-
-# The one TFDS split holding every slice; patient-level splits are selected at read time.
-SPLIT = "slices"
-
-
-class LggBuilder(tfds.core.GeneratorBasedBuilder):
-    """TFDS builder of one kaggle_3m-style folder (manual dir), one split `SPLIT`."""
-
-    VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "Slices decoded with tifffile, stored as PNG."}
-    MANUAL_DOWNLOAD_INSTRUCTIONS = (
-        "Download kaggle.com/datasets/mateuszbuda/lgg-mri-segmentation and pass its "
-        "kaggle_3m folder as --config.data.dir."
-    )
-
-    def _info(self) -> tfds.core.DatasetInfo:
-        return self.dataset_info_from_configs(
-            features=tfds.features.FeaturesDict(
-                {
-                    "image": tfds.features.Image(shape=(None, None, 3)),
-                    "mask": tfds.features.Image(shape=(None, None, 1)),
-                    "patient_id": tfds.features.Text(),
-                    "slice_index": np.int32,
-                }
-            ),
-            supervised_keys=None,
-        )
-
-    def _split_generators(self, dl_manager):
-        return {SPLIT: self._generate_examples(str(dl_manager.manual_dir))}
-
-    def _generate_examples(self, data_dir: str):
-        for s in discover(data_dir):
-            image, mask = read_slice(s)
-            yield (
-                f"{s.patient_id}_{s.index}",
-                {
-                    "image": image,
-                    "mask": mask[..., None],
-                    "patient_id": s.patient_id,
-                    "slice_index": s.index,
-                },
-            )
-
-
-def prepare(data_dir: str, prepared_root: str, slices: list[Slice]) -> LggBuilder:
-    """Prepares (once) and returns the TFDS builder of `data_dir`.
-
-    Prepared data live in `prepared_root/<fingerprint>`, so two source folders never
-    share prepared data and an edited folder is prepared again.
-
-    Args:
-        data_dir: kaggle_3m-style folder.
-        prepared_root: parent folder of all prepared data.
-        slices: `discover(data_dir)`.
-    """
-    builder = LggBuilder(data_dir=os.path.join(prepared_root, fingerprint(data_dir, slices)))
-    if not builder.is_prepared():
-        problems = validate(slices)
-        if problems:
-            raise DataError(
-                f"{data_dir}: {len(problems)} unusable file(s), nothing prepared:\n"
-                + "\n".join(problems)
-            )
-    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=data_dir))
-    return builder

@@ -1,4 +1,5 @@
-"""Which data a run uses: the folder (real or synthetic), its prepared TFDS, the split.
+"""Which data a run uses: the folder (real or synthetic), its patient split and, for the
+tf.data batch source only, its prepared TFDS (`tfds_lgg`; nothing else here imports TF).
 
 With `data.dir` empty the run generates synthetic phantom data in the kaggle_3m layout
 under the workdir and uses it through exactly the same path as real data.
@@ -6,6 +7,7 @@ under the workdir and uses it through exactly the same path as real data.
 
 import dataclasses
 import os
+from typing import Any
 
 import jax
 import ml_collections
@@ -19,12 +21,13 @@ SYNTHETIC_DIR = "synthetic_data"
 
 @dataclasses.dataclass
 class Source:
-    """A prepared data source and its patient split.
+    """A data source and its patient split.
 
     Attributes:
         config: the run config with data-source defaults filled in.
         data_dir: the kaggle_3m-style folder.
-        builder: its prepared `lgg.LggBuilder`.
+        slices: its slices (`lgg.discover`).
+        builder: its prepared `tfds_lgg.LggBuilder`; None unless opened with `tfds=True`.
         patient_ids: every patient of `data_dir`.
         train_ids, val_ids: the patient-level split (both empty when not asked for).
         synthetic: whether `data_dir` holds generated phantom data.
@@ -32,7 +35,8 @@ class Source:
 
     config: ml_collections.ConfigDict
     data_dir: str
-    builder: lgg.LggBuilder
+    slices: list
+    builder: Any
     patient_ids: list
     train_ids: list
     val_ids: list
@@ -63,12 +67,15 @@ def prepared_root(config) -> str:
     return os.path.expanduser(config.data.prepared_dir or "~/.cache/resunet_jax/prepared")
 
 
-def open_source(config: ml_collections.ConfigDict, workdir: str, split: bool = True) -> Source:
-    """Finds or generates the data, prepares it once, and splits its patients.
+def open_source(
+    config: ml_collections.ConfigDict, workdir: str, split: bool = True, tfds: bool = False
+) -> Source:
+    """Finds or generates the data, splits its patients and, with `tfds`, prepares them.
 
-    Process 0 prepares; the other processes wait, then open the same prepared data.
     `split=False` skips the k-fold split (and its need for at least `data.num_folds`
     patients): evaluating a checkpoint that lists its training patients needs none.
+    `tfds=True` prepares the TFDS once (the tf.data batch source reads it; only then is
+    TensorFlow imported): process 0 prepares, the other processes wait, then open it.
     """
     is_synthetic = not config.data.dir
     config = resolve_defaults(config, is_synthetic)
@@ -97,12 +104,16 @@ def open_source(config: ml_collections.ConfigDict, workdir: str, split: bool = T
         train_ids, val_ids = lgg.split_patients(
             ids, config.data.num_folds, config.data.fold, config.data.split_seed
         )
-    root = prepared_root(config)
-    if jax.process_index() == 0:
-        builder = lgg.prepare(data_dir, root, slices)
-    multihost_utils.sync_global_devices("resunet_jax data prepared")
-    if jax.process_index() != 0:
-        builder = lgg.prepare(data_dir, root, slices)
+    builder = None
+    if tfds:
+        from resunet_jax.data import tfds_lgg
+
+        root = prepared_root(config)
+        if jax.process_index() == 0:
+            builder = tfds_lgg.prepare(data_dir, root, slices)
+        multihost_utils.sync_global_devices("resunet_jax data prepared")
+        if jax.process_index() != 0:
+            builder = tfds_lgg.prepare(data_dir, root, slices)
     logging.info(
         "Data %s: %d patients, %d slices (%s)",
         data_dir,
@@ -110,4 +121,4 @@ def open_source(config: ml_collections.ConfigDict, workdir: str, split: bool = T
         len(slices),
         f"{len(train_ids)} train, {len(val_ids)} val patients" if split else "not split",
     )
-    return Source(config, data_dir, builder, ids, train_ids, val_ids, is_synthetic)
+    return Source(config, data_dir, slices, builder, ids, train_ids, val_ids, is_synthetic)
