@@ -47,12 +47,7 @@ def training_arrays(slices: dict, config) -> dict:
         out["tumor"] = np.arange(len(has_tumor), dtype=np.int32)
         out["clean"] = out["tumor"][:0]
     if config.data.normalization == "volume":
-        norm = np.empty([len(patients), 2, 3], np.float32)
-        for patient in np.unique(patients):
-            members = patients == patient
-            moments = preprocess.slice_moments(out["image"][members]).sum(axis=0)
-            norm[members] = preprocess.volume_stats(moments)
-        out["norm"] = norm
+        out["norm"] = preprocess.patient_volume_stats(out["image"], patients)
     return out
 
 

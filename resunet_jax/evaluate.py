@@ -75,11 +75,7 @@ class Evaluator:
         self.context = context.context_rows(pids, index, config.data.context_slices)
         self.stats = None
         if self.normalization == "volume":  # each slice's patient's statistics
-            self.stats = np.zeros([len(pids), 2, 3], np.float32)
-            for pid in np.unique(pids):
-                rows = pids == pid
-                moments = preprocess.slice_moments(self.slices["image"][rows]).sum(axis=0)
-                self.stats[rows] = preprocess.volume_stats(moments)
+            self.stats = preprocess.patient_volume_stats(self.slices["image"], pids)
         # With eval.missing_sequences set, the named sequences are replaced by the FLAIR:
         # how the model fares on a patient without them.
         self.missing = np.array(preprocess.MISSING_SEQUENCES[config.eval.missing_sequences])

@@ -164,6 +164,25 @@ def volume_stats(moments) -> np.ndarray:
     return np.stack([mean, np.sqrt(var + 1e-8)]).astype(np.float32)
 
 
+def patient_volume_stats(images: np.ndarray, patients) -> np.ndarray:
+    """Each slice's patient's `volume_stats`.
+
+    Args:
+        images: [N, H, W, 3] the slices of one or more patients.
+        patients: [N] each slice's patient.
+
+    Returns:
+        [N, 2, 3] float32.
+    """
+    patients = np.asarray(patients)
+    moments = slice_moments(images)
+    stats = np.empty([len(patients), 2, 3], np.float32)
+    for patient in np.unique(patients):
+        rows = patients == patient
+        stats[rows] = volume_stats(moments[rows].sum(axis=0))
+    return stats
+
+
 # `eval.missing_sequences` -> which of (pre-contrast, post-contrast) are missing.
 MISSING_SEQUENCES = {
     "": (False, False),
