@@ -1,8 +1,8 @@
 """2.5-D input: each slice with its neighbours along the volume's axis, as channels.
 
 A tumour's extent along the axis tells a lesion margin from a vessel or artefact that a
-single slice cannot. Pure numpy (no TensorFlow), so the tf.data pipeline, prediction
-and the TF-free GPU script (`benchmarks/train_on_device.py`) share one definition.
+single slice cannot. Pure numpy (jax.numpy arrays work too), so both batch sources,
+evaluation and prediction share one definition.
 """
 
 import numpy as np
