@@ -17,6 +17,7 @@ from resunet_jax import (
     config_checks,
     errors,
     evaluate,
+    export,
     inference,
     models,
     predict,
@@ -186,6 +187,28 @@ def test_a_joined_member_routes_its_own_slices(members, tmp_path):
     }
     assert got.tumor_probabilities[0] == pytest.approx((alone["a"][0] + alone["other"][0]) / 2)
     assert got.tumor_probabilities[1] == pytest.approx((alone["b"][1] + alone["other"][1]) / 2)
+
+
+def test_an_ensemble_on_onnx_runtime_predicts_as_on_jax(members, tmp_path):
+    runs = tmp_path / "runs"
+    for k in "ab":  # a folder of runs, each with its export/model.onnx
+        shutil.copytree(members[k], runs / k)
+        config = tiny.get_config()
+        config.checkpoint = str(runs / k)
+        export.export_onnx(config, str(runs / k))
+    got = {}
+    for backend in ("jax", "onnx"):
+        config = tiny.get_config()
+        config.eval.flip_tta = True
+        predictor = inference.Predictor.from_checkpoint(str(runs), config, backend)
+        assert [type(m.model) for m in predictor.model.members] == 2 * [
+            inference.OnnxModel if backend == "onnx" else dict
+        ]
+        got[backend] = predictor.predict(_images())
+    for field in ("probabilities", "tumor_probabilities", "uncertainty"):
+        np.testing.assert_allclose(
+            getattr(got["onnx"], field), getattr(got["jax"], field), atol=1e-4
+        )
 
 
 def test_members_reading_different_inputs_are_refused(members, tmp_path):
