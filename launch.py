@@ -1,6 +1,6 @@
 """Trains, evaluates or predicts with a ResUNet; main is intentionally short.
 
-python launch.py --config=configs/resunet.py --workdir=DIR [--mode=train|eval|predict|export]
+python launch.py --config=configs/resunet.py --workdir=DIR [--mode=train|eval|predict|export|cv]
     [--config.KEY=VALUE ...]
 """
 
@@ -22,8 +22,9 @@ flags.DEFINE_enum(
     "train",
     list(config_checks.MODES),
     "train (resumes by itself), eval (restores the best checkpoint, writes WORKDIR/eval/), "
-    "predict (--config.predict.input=PATH -> WORKDIR/predict/) or export (the checkpoint "
-    "as ONNX -> WORKDIR/export/model.onnx).",
+    "predict (--config.predict.input=PATH -> WORKDIR/predict/), export (the checkpoint "
+    "as ONNX -> WORKDIR/export/model.onnx) or cv (the runs of k folds in --config.checkpoint, "
+    "each scored on its own fold -> WORKDIR/cv/).",
 )
 flags.mark_flags_as_required(["config", "workdir"])
 
@@ -55,6 +56,7 @@ def main(argv):
         "eval": evaluate.evaluate_checkpoint,
         "predict": predict.predict,
         "export": export.export_onnx,
+        "cv": evaluate.cross_validate,
     }[FLAGS.mode]
     try:
         # Before anything is written: a bad value costs one line, not a run.

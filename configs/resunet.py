@@ -10,6 +10,11 @@ Train on the Kaggle LGG data (kaggle.com/datasets/mateuszbuda/lgg-mri-segmentati
 Evaluate a run's best checkpoint (or any: --config.checkpoint=PATH):
   python launch.py --config=configs/resunet.py --workdir=runs/lgg --mode=eval \\
       --config.data.dir=PATH/kaggle_3m
+
+Cross-validate: train folds k = 0..4 as separate runs (--config.data.fold=k
+--workdir=runs/cv/fold_k), then report each on its own fold:
+  python launch.py --config=configs/resunet.py --workdir=runs/cv_report --mode=cv \\
+      --config.data.dir=PATH/kaggle_3m --config.checkpoint=runs/cv
 """
 
 import ml_collections
@@ -118,7 +123,8 @@ def get_config() -> ml_collections.ConfigDict:
     # its training patients); all: every one.
     config.eval.split = "val"
     config.eval.batch_size = 32
-    config.eval.flip_tta = False  # average with the left-right mirrored slice (2x cost)
+    # Average with the left-right mirrored slice (2x cost); each member of an ensemble.
+    config.eval.flip_tta = False
     # "largest_component": keep each patient's largest 3D connected component (Buda et
     # al.); metrics.json reports both variants under postprocess_comparison.
     config.eval.postprocess = "none"
@@ -133,10 +139,17 @@ def get_config() -> ml_collections.ConfigDict:
     # Also write float32 pixel probabilities: <name>_pred_prob.tif per .tif slice,
     # <name>_pred_prob.nii.gz per volume.
     config.predict.save_probabilities = False
+    # Also write the float32 pixel uncertainty: the s.d. of the pixel probability across
+    # an ensemble's members (and flips with eval.flip_tta; 0 for one model without):
+    # <name>_pred_std.tif per .tif slice, <name>_pred_std.nii.gz per volume.
+    config.predict.save_uncertainty = False
 
     # Checkpoint to evaluate / predict with ("" = the workdir's best, else latest); with
     # inference.backend=onnx an .onnx file, or a folder or workdir holding model.onnx or
-    # export/model.onnx (--mode=export writes WORKDIR/export/model.onnx).
+    # export/model.onnx (--mode=export writes WORKDIR/export/model.onnx). Several models
+    # predict as an ensemble (probabilities averaged; detection threshold the mean of
+    # theirs): comma-separated paths, or a folder of runs (a folder that is not a model
+    # itself, whose sub-folders are). --mode=cv takes the runs of the folds this way.
     config.checkpoint = ""
     # Fine-tuning: a new run starts from these weights (a workdir or an exported model
     # such as pretrained/resunet_lgg; same model config) with a fresh optimizer and

@@ -465,12 +465,7 @@ def join_no_contrast_expert(complete: str, no_contrast: str) -> tuple[dict, dict
         check_compatible(v_expert, v_complete, int(m_expert["step"]))
     except CheckpointError as e:
         raise CheckpointError(f"{no_contrast} is not the architecture of {complete}: {e}") from e
-    data_complete, data_expert = m_complete["config"]["data"], m_expert["config"]["data"]
-    differ = [
-        f"data.{k}: {data_complete[k]!r} vs {data_expert[k]!r}"
-        for k in ("image_size", "normalization", "context_slices")
-        if data_complete[k] != data_expert[k]
-    ]
+    differ = input_differences(m_complete, m_expert)
     if differ:
         raise CheckpointError(
             f"{complete} and {no_contrast} read different inputs ({'; '.join(differ)})"
@@ -495,6 +490,19 @@ def join_no_contrast_expert(complete: str, no_contrast: str) -> tuple[dict, dict
         for k in ("params", "batch_stats")
     }
     return variables, meta
+
+
+def holds_checkpoint(path: str) -> bool:
+    """Whether `path` is laid out as `restore_model` reads it: a workdir (with
+    `checkpoints/`), a checkpoint folder (with step folders, as an exported model) or
+    one step's folder."""
+    if not os.path.isdir(path):
+        return False
+    if os.path.isdir(os.path.join(path, LATEST_DIR)):
+        return True
+    if os.path.isdir(os.path.join(path, "meta")) and os.path.basename(path).isdigit():
+        return True
+    return any(n.isdigit() and os.path.isdir(os.path.join(path, n)) for n in os.listdir(path))
 
 
 def _candidates(path: str) -> list[tuple[str, int]]:
@@ -574,6 +582,27 @@ MODEL_FIELDS = (
 )
 
 
+# The MODEL_FIELDS that define what a model reads: models joined into one, or predicting
+# together as an ensemble, must agree on them.
+INPUT_FIELDS = ("data.image_size", "data.normalization", "data.context_slices")
+
+
+def _field(config: dict, field: str):
+    for part in field.split("."):
+        config = config[part]
+    return config
+
+
+def input_differences(meta_a: dict, meta_b: dict) -> list[str]:
+    """The INPUT_FIELDS two checkpoints' configs disagree on, as "field: a vs b" lines."""
+    a, b = meta_a["config"], meta_b["config"]
+    return [
+        f"{f}: {_field(a, f)!r} vs {_field(b, f)!r}"
+        for f in INPUT_FIELDS
+        if plain(_field(a, f)) != plain(_field(b, f))
+    ]
+
+
 def checkpoint_config(config: ml_collections.ConfigDict, meta: dict):
     """`config` with the model-defining fields (MODEL_FIELDS) of the checkpoint's config."""
     saved = ml_collections.ConfigDict(meta["config"])
@@ -584,7 +613,7 @@ def checkpoint_config(config: ml_collections.ConfigDict, meta: dict):
             dst, src = config, saved
             for p in parents:
                 dst, src = dst[p], src[p]
-            wanted, saved_value = _plain(dst[leaf]), _plain(src[leaf])
+            wanted, saved_value = plain(dst[leaf]), plain(src[leaf])
             if wanted is not None and wanted != saved_value:
                 logging.warning(
                     "Using the checkpoint's %s=%s (the config had %s)", field, saved_value, wanted
@@ -593,7 +622,7 @@ def checkpoint_config(config: ml_collections.ConfigDict, meta: dict):
     return config
 
 
-def _plain(value):
+def plain(value):
     """A config value as JSON types, so tuples and lists compare equal."""
     if isinstance(value, ml_collections.ConfigDict):
         value = value.to_dict()

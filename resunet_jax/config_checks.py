@@ -12,7 +12,7 @@ from resunet_jax import inference, losses, models, postprocess, preprocess, trai
 from resunet_jax.data import sources
 from resunet_jax.errors import ConfigError
 
-MODES = ("train", "eval", "predict", "export")
+MODES = ("train", "eval", "predict", "export", "cv")
 
 
 def validate(config: ml_collections.ConfigDict, mode: str) -> None:
@@ -23,7 +23,7 @@ def validate(config: ml_collections.ConfigDict, mode: str) -> None:
 
     Args:
         config: the run config (configs/resunet.py's fields).
-        mode: "train", "eval" or "predict".
+        mode: one of MODES.
 
     Raises:
         ConfigError: the message starts with the field and its value.
@@ -116,6 +116,8 @@ def validate(config: ml_collections.ConfigDict, mode: str) -> None:
             )
     if mode == "export" and config.export.path and not config.export.path.endswith(".onnx"):
         _fail(config, "export.path", "must end in .onnx")
+    if mode == "cv" and config.eval.split != "val":
+        _fail(config, "eval.split", "--mode=cv scores each run on the patients it did not train on")
     if mode == "predict" and not config.predict.input:
         _fail(config, "predict.input", "--mode=predict needs a .tif, or a folder of them")
 

@@ -3,6 +3,13 @@ size, overlap counts and per-patient metrics on the host.
 
 `evaluate_checkpoint` is what both `--mode=eval` and the end of training run, so the
 two write identical reports: `eval/metrics.json`, `eval/per_patient.csv` and a figure.
+`cross_validate` (`--mode=cv`) scores the runs of a k-fold cross-validation, each on
+its own validation fold, into one report: `cv/metrics.json`, `cv/per_patient.csv`.
+
+A patient's uncertainty (per_patient.csv) is the mean pixel s.d. across an ensemble's
+members and flips (`inference.batch_probabilities`) over the pixels it calls tumour
+(probability >= 0.5 on slices past the detection threshold, before largest-component
+post-processing); empty where it calls none, 0 for one model without flip TTA.
 """
 
 import collections
@@ -36,6 +43,18 @@ COMPARED_METRICS = (
     "detection_sensitivity",
     "detection_specificity",
 )
+# Figures a cross-validation reports per fold and as mean and s.d. over the folds.
+CV_METRICS = (*COMPARED_METRICS, "iou_per_volume_mean", "detection_auc")
+PATIENT_FIELDS = (  # per_patient.csv
+    "patient_id",
+    "num_slices",
+    "dice",
+    "iou",
+    "true_area",
+    "pred_area",
+    "intersection",
+    "uncertainty",
+)
 
 
 class Evaluator:
@@ -53,7 +72,8 @@ class Evaluator:
         patient_ids: patients to evaluate.
 
     The methods take the model as `inference.restore` returns it: {"params",
-    "batch_stats"} of the JAX model, or an ONNX Runtime model (inference.backend=onnx).
+    "batch_stats"} of the JAX model, an ONNX Runtime model (inference.backend=onnx), or
+    an `inference.Ensemble` of them.
     """
 
     def __init__(self, source: sources.Source, config, patient_ids):
@@ -102,20 +122,22 @@ class Evaluator:
         Returns:
             {"patient_id", "slice_index", "tumor_prob", and "intersection", "pred_area",
             "true_area" of the mask thresholded at probability 0.5 (before the detection
-            gate)} [N], and "pred_mask", "true_mask" [N, H, W] bool, H x W the largest
-            slice (smaller ones padded with False); in patient then slice order.
+            gate), "std_sum" the sum of the pixel s.d. over that mask} [N], and
+            "pred_mask", "true_mask" [N, H, W] bool, H x W the largest slice (smaller ones
+            padded with False); in patient then slice order.
         """
         true_masks = self.slices["original_mask"] > 0
         columns = collections.defaultdict(list)
         for rows in self._batches():
-            probs, tumor = self.probabilities(variables, self.inputs(rows))
-            small = postprocess.masks_at_original_size(
-                probs, self.slices["orig_height"][rows], self.slices["orig_width"][rows]
-            )
+            probs, tumor, std = self.probabilities(variables, self.inputs(rows))
+            sizes = self.slices["orig_height"][rows], self.slices["orig_width"][rows]
+            small = postprocess.masks_at_original_size(probs, *sizes)
+            small_std = postprocess.probabilities_at_original_size(std, *sizes)
             pred = np.zeros((len(rows), *true_masks.shape[1:]), bool)
             pred[:, : small.shape[1], : small.shape[2]] = small
             for k, v in metrics.slice_counts(pred, true_masks[rows]).items():
                 columns[k].append(np.asarray(v))
+            columns["std_sum"].append(np.sum(small_std * small, axis=(1, 2)))
             columns["tumor_prob"].append(tumor)
             columns["pred_mask"].append(pred)
         out = {k: np.concatenate(v) for k, v in columns.items()}
@@ -133,7 +155,9 @@ class Evaluator:
         main figures with and without the 3D largest-component post-processing.
 
         Returns:
-            (metrics, per-patient rows) as `metrics.summarize` defines them.
+            (metrics, per-patient rows) as `metrics.summarize` defines them, with each
+            patient's "uncertainty" (the module docstring) and its mean over the
+            patients with a predicted lesion, "uncertainty_per_volume_mean".
         """
         cols = self.predict(variables)
         true_tumor = cols["true_area"] > 0
@@ -144,7 +168,7 @@ class Evaluator:
             cols["patient_id"], cols["slice_index"], gated
         )
         variants = {
-            "none": {k: cols[k] for k in ("intersection", "pred_area", "true_area")},
+            "none": {k: cols[k] for k in ("intersection", "pred_area", "true_area", "std_sum")},
             "largest_component": metrics.slice_counts(largest, cols["true_mask"]),
         }
         results = {
@@ -152,7 +176,14 @@ class Evaluator:
             for name, counts in variants.items()
         }
         summary, patients = results[self.postprocess]
-        summary = dict(summary, postprocess=self.postprocess)
+        for pid, row in results["none"][1].items():
+            area = row["pred_area"]
+            patients[pid]["uncertainty"] = row["std_sum"] / area if area else None
+        summary = dict(
+            summary,
+            postprocess=self.postprocess,
+            uncertainty_per_volume_mean=_mean(r["uncertainty"] for r in patients.values()),
+        )
         summary["postprocess_comparison"] = {
             name: {k: r[0][k] for k in COMPARED_METRICS} for name, r in results.items()
         }
@@ -164,7 +195,7 @@ class Evaluator:
         want_tumor, want_clean = num_rows - num_rows // 2, num_rows // 2
         shown, patients_shown = [], set()
         for rows in self._batches():
-            probs, tumor = self.probabilities(variables, self.inputs(rows))
+            probs, tumor, _ = self.probabilities(variables, self.inputs(rows))
             for i, row in enumerate(rows):
                 has_tumor = bool(self.slices["mask"][row].any())
                 pid = self.slices["patient_id"][row]
@@ -209,8 +240,15 @@ def keep_earlier(folder: str, report: str):
     logging.info("Kept the earlier %s in %s", os.path.basename(folder), kept)
 
 
-def write_report(eval_dir: str, summary: dict, patients: dict, grid: np.ndarray):
-    """Writes metrics.json, per_patient.csv, the per-patient Dice figure and results grid.
+def write_report(
+    eval_dir: str,
+    summary: dict,
+    patients: dict,
+    grid: np.ndarray | None = None,
+    fields: tuple = PATIENT_FIELDS,
+):
+    """Writes metrics.json, per_patient.csv (`fields`), the per-patient Dice figure and,
+    if given, the results grid.
 
     An earlier report in `eval_dir` (say, training's final evaluation before a
     re-evaluation with another checkpoint, split or setting) is first moved aside (see
@@ -229,15 +267,6 @@ def write_report(eval_dir: str, summary: dict, patients: dict, grid: np.ndarray)
     replace("metrics.json", lambda f: json.dump(summary, f, indent=2))
 
     def write_csv(f):
-        fields = [
-            "patient_id",
-            "num_slices",
-            "dice",
-            "iou",
-            "true_area",
-            "pred_area",
-            "intersection",
-        ]
         writer = csv.DictWriter(f, fields, extrasaction="ignore")
         writer.writeheader()
         for pid, row in patients.items():
@@ -245,7 +274,8 @@ def write_report(eval_dir: str, summary: dict, patients: dict, grid: np.ndarray)
 
     replace("per_patient.csv", write_csv)
     visualize.per_patient_dice_figure(patients, os.path.join(eval_dir, "per_patient_dice.png"))
-    visualize.save_png(grid, os.path.join(eval_dir, "results_grid.png"))
+    if grid is not None:
+        visualize.save_png(grid, os.path.join(eval_dir, "results_grid.png"))
 
 
 def patients_to_evaluate(source: sources.Source, train_patients) -> tuple[list, list]:
@@ -314,12 +344,15 @@ def evaluate_checkpoint(config, workdir: str, source: sources.Source | None = No
     source = source or sources.open_source(config, workdir, split=False)
     patient_ids, seen = patients_to_evaluate(source, meta["train_patients"])
     evaluator = Evaluator(source, config, patient_ids)
-    # The detection threshold chosen on the validation patients during training.
+    # The detection threshold chosen on the validation patients during training (an
+    # ensemble's: the mean of its members').
     threshold = meta.get("val_metrics", {}).get("detection_threshold", 0.5)
     summary, patients = evaluator.run(variables, threshold)
     summary.update(
         checkpoint_step=int(meta["step"]),
-        checkpoint=os.path.abspath(path),
+        checkpoint=",".join(
+            os.path.abspath(p) for p in inference.model_paths(path, config.inference.backend)
+        ),
         data_dir=source.data_dir,
         synthetic_data=source.synthetic,
         split=config.eval.split,
@@ -327,6 +360,8 @@ def evaluate_checkpoint(config, workdir: str, source: sources.Source | None = No
         missing_sequences=config.eval.missing_sequences,
         patients_seen_in_training=len(seen),
     )
+    if "members" in meta:  # an ensemble (inference.Ensemble.meta)
+        summary["ensemble_members"] = meta["members"]
     if jax.process_index() == 0:
         grid = evaluator.results_grid(variables, threshold)
         write_report(os.path.join(workdir, "eval"), summary, patients, grid)
@@ -335,5 +370,117 @@ def evaluate_checkpoint(config, workdir: str, source: sources.Source | None = No
         summary["checkpoint_step"],
         summary["num_patients"],
         json.dumps(summary),
+    )
+    return summary
+
+
+def _mean(values) -> float | None:
+    """The mean of the values that are not None (None if there are none)."""
+    values = [v for v in values if v is not None]
+    return float(np.mean(values)) if values else None
+
+
+def _sd(values) -> float | None:
+    """The sample s.d. (ddof 1) of the values that are not None (None for fewer than 2)."""
+    values = [v for v in values if v is not None]
+    return float(np.std(values, ddof=1)) if len(values) > 1 else None
+
+
+def cross_validate(config, workdir: str) -> dict:
+    """Scores the runs of a k-fold cross-validation, each on its own validation fold,
+    and writes the pooled report to `workdir/cv/`.
+
+    The runs are `config.checkpoint` (else `workdir`) as `inference.model_paths` reads
+    it: comma-separated, or a folder of runs (trained with `data.fold=0..k-1`). A run's
+    fold is the patients of `data.dir` it did not train on (its meta lists the ones it
+    did, as for `eval.split=val`); each is scored as `--mode=eval` scores it, at its own
+    detection threshold.
+
+    Writes:
+        metrics.json: "folds" (one entry per run: fold, checkpoint, step, its patients
+        and CV_METRICS), "mean" and "sd" (sample s.d.) of CV_METRICS over the folds, and
+        "pooled": per-volume Dice over every patient; per_patient.csv: every patient
+        once, with its fold; per_patient_dice.png.
+
+    Returns:
+        The metrics written to metrics.json.
+
+    Raises:
+        errors.ConfigError: fewer than two runs.
+        errors.CheckpointError: two runs validate on the same patient (not folds of one
+            split).
+    """
+    if jax.process_index() == 0:
+        checkpointing.check_writable(workdir)
+    backend = config.inference.backend
+    paths = inference.model_paths(config.checkpoint or workdir, backend)
+    if len(paths) < 2:
+        raise errors.ConfigError(
+            f"config.checkpoint={config.checkpoint!r}: --mode=cv needs the runs of two folds "
+            "or more (comma-separated, or a folder of runs), found "
+            f"{len(paths)} ({', '.join(paths)})"
+        )
+    source, folds, patients, fold_of = None, [], {}, {}
+    for fold, path in enumerate(paths):
+        model, meta = inference.restore(path, backend)
+        fold_config = checkpointing.checkpoint_config(config, meta)
+        source = source or sources.open_source(fold_config, workdir, split=False)
+        patient_ids, _ = patients_to_evaluate(source, meta["train_patients"])
+        for pid in patient_ids:
+            if pid in fold_of:
+                raise errors.CheckpointError(
+                    f"{paths[fold_of[pid]]} and {path} both validate on patient {pid} "
+                    "(neither trained on it): they are not folds of one split"
+                )
+            fold_of[pid] = fold
+        threshold = meta.get("val_metrics", {}).get("detection_threshold", 0.5)
+        summary, rows = Evaluator(source, fold_config, patient_ids).run(model, threshold)
+        folds.append(
+            {
+                "fold": fold,
+                "checkpoint": os.path.abspath(path),
+                "checkpoint_step": int(meta["step"]),
+                "num_patients": summary["num_patients"],
+                "num_slices": summary["num_slices"],
+                "detection_threshold": threshold,
+                **{k: summary[k] for k in CV_METRICS},
+            }
+        )
+        patients.update({pid: dict(row, fold=fold) for pid, row in rows.items()})
+    unscored = sorted(set(source.patient_ids) - set(fold_of))
+    if unscored:
+        logging.warning(
+            "%d patients of %s are in no run's validation fold (every run trained on them): %s",
+            len(unscored),
+            source.data_dir,
+            ", ".join(unscored),
+        )
+    patients = dict(sorted(patients.items()))
+    volume_dice = [r["dice"] for r in patients.values() if r["true_area"] > 0]
+    summary = {
+        "num_folds": len(folds),
+        "mean": {k: _mean(f[k] for f in folds) for k in CV_METRICS},
+        "sd": {k: _sd(f[k] for f in folds) for k in CV_METRICS},
+        "pooled": {
+            "num_patients": len(patients),
+            "volumes_with_tumor": len(volume_dice),
+            "dice_per_volume_mean": _mean(volume_dice),
+            "dice_per_volume_median": float(np.median(volume_dice)) if volume_dice else None,
+        },
+        "folds": folds,
+        "data_dir": source.data_dir,
+        "synthetic_data": source.synthetic,
+        "postprocess": config.eval.postprocess,
+        "missing_sequences": config.eval.missing_sequences,
+    }
+    if jax.process_index() == 0:
+        fields = ("fold", *PATIENT_FIELDS)
+        write_report(os.path.join(workdir, "cv"), summary, patients, fields=fields)
+    dice = summary["mean"]["dice_per_volume_mean"], summary["sd"]["dice_per_volume_mean"]
+    logging.info(
+        "Cross-validation of %d folds, %d patients: Dice per volume %s ± %s",
+        len(folds),
+        len(patients),
+        *dice,
     )
     return summary

@@ -17,6 +17,12 @@ component is kept. A joined model (`model.no_contrast_expert`, the shipped one) 
 each slice whose pre-contrast is a FLAIR copy to its no-contrast network.
 `--mode=predict` and evaluation are built on this module; `batch_probabilities` runs
 either backend (`inference.backend`: the JAX model or ONNX Runtime, `restore`).
+
+Several checkpoints (comma-separated, or a folder of runs: `model_paths`) restore as an
+`Ensemble`: each member routes and predicts the slices as it would alone, and the
+probabilities are averaged over the members (and flips, `eval.flip_tta`) before the
+0.5 threshold and the detection gate (at `Ensemble.meta`'s threshold); their standard
+deviation is the pixel uncertainty (`Prediction.uncertainty`).
 """
 
 import dataclasses
@@ -42,40 +48,33 @@ INPUT_NAME = "image"
 OUTPUT_NAMES = ("mask", "tumor")
 
 
-def infer(model, variables, images, flip_tta: bool = False):
-    """Pixel and slice tumour probabilities, optionally averaged with the mirrored slice.
+def infer(model, variables, images):
+    """Pixel and slice tumour probabilities of one view of the slices.
 
     Args:
         model: the ResUNet.
         variables: {"params", "batch_stats"}.
-        images: [b, S, S, 3] model inputs.
-        flip_tta: also predict the left-right mirrored slice and average (test-time
-            augmentation; brains are roughly left-right symmetric).
+        images: [b, S, S, C] model inputs.
 
     Returns:
         (mask probabilities [b, S, S, 1], tumour probabilities [b]), float32.
     """
     out = model.apply(variables, images, train=False)
-    mask, tumor = jax.nn.sigmoid(out["mask"]), jax.nn.sigmoid(out["tumor"])
-    if flip_tta:
-        mirrored = model.apply(variables, images[:, :, ::-1], train=False)
-        mask = 0.5 * (mask + jax.nn.sigmoid(mirrored["mask"])[:, :, ::-1])
-        tumor = 0.5 * (tumor + jax.nn.sigmoid(mirrored["tumor"]))
-    return mask, tumor
+    return jax.nn.sigmoid(out["mask"]), jax.nn.sigmoid(out["tumor"])
 
 
-def predict_step(variables, batch, *, model, flip_tta: bool = False):
+def predict_step(variables, batch, *, model):
     """Pixel and slice tumour probabilities for one batch (run under pmap).
 
     Returns:
         (None, {"mask": [b, S, S] float32, "tumor": [b] float32}).
     """
-    mask, tumor = infer(model, variables, batch["image"], flip_tta)
+    mask, tumor = infer(model, variables, batch["image"])
     return None, {"mask": mask[..., 0], "tumor": tumor}
 
 
-def pmapped_predict_step(model, flip_tta: bool = False):
-    return parallel.pmap_step(functools.partial(predict_step, model=model, flip_tta=flip_tta))
+def pmapped_predict_step(model):
+    return parallel.pmap_step(functools.partial(predict_step, model=model))
 
 
 def find_onnx(path: str) -> str:
@@ -132,39 +131,122 @@ class OnnxModel:
         self.meta = json.loads(props[META_KEY])
         self.card = json.loads(props[CARD_KEY])
 
-    def __call__(self, images, flip_tta: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    def __call__(self, images) -> tuple[np.ndarray, np.ndarray]:
         """Pixel and slice tumour probabilities, as `infer` computes them.
 
         Args:
             images: [b, S, S, C] float32 model inputs.
-            flip_tta: also predict the left-right mirrored slices and average.
 
         Returns:
             (mask probabilities [b, S, S], tumour probabilities [b]), float32.
         """
         images = np.asarray(images, np.float32)
-        mask, tumor = self.session.run(list(OUTPUT_NAMES), {INPUT_NAME: images})
-        if flip_tta:
-            mirrored, mirrored_tumor = self.session.run(
-                list(OUTPUT_NAMES), {INPUT_NAME: np.ascontiguousarray(images[:, :, ::-1])}
-            )
-            mask = 0.5 * (mask + mirrored[:, :, ::-1])
-            tumor = 0.5 * (tumor + mirrored_tumor)
-        return mask, tumor
+        return tuple(self.session.run(list(OUTPUT_NAMES), {INPUT_NAME: images}))
 
 
-def restore(path: str, backend: str = "jax"):
-    """The model that eval and predict run on `backend`, and its meta.
+def _is_model(path: str, backend: str) -> bool:
+    """Whether `path` is one model for `backend` (not a folder of runs)."""
+    if backend == "jax":
+        return checkpointing.holds_checkpoint(path)
+    try:
+        find_onnx(path)
+    except checkpointing.CheckpointError:
+        return False
+    return True
 
-    Args:
-        path: a workdir or checkpoint (jax); an .onnx file, or a folder or workdir
-            holding one (`find_onnx`; onnx).
-        backend: `config.inference.backend`, "jax" or "onnx".
+
+def model_paths(checkpoint: str, backend: str = "jax") -> list[str]:
+    """The models that `config.checkpoint` names, in order.
+
+    `checkpoint` is one path or several separated by commas; each is a model (a workdir,
+    a checkpoint or an exported model; with the onnx backend an .onnx file or a folder
+    holding one) or a folder of runs: a folder that is not itself a model and whose
+    sub-folders, taken in sorted order, are (others among them, such as a report's
+    folder, are skipped). A path that is neither is kept, so that restoring it names it.
 
     Returns:
-        (model, meta): model is {"params", "batch_stats"} (jax) or an `OnnxModel`
-        (onnx), what `batch_probabilities`' call takes in place of the JAX variables.
+        The paths, one per model.
     """
+    paths = []
+    for path in filter(None, (p.strip() for p in checkpoint.split(","))):
+        runs = []
+        if os.path.isdir(path) and not _is_model(path, backend):
+            runs = [
+                os.path.join(path, name)
+                for name in sorted(os.listdir(path))
+                if _is_model(os.path.join(path, name), backend)
+            ]
+        paths += runs or [path]
+    return paths
+
+
+@dataclasses.dataclass(frozen=True)
+class Member:
+    """One model of an `Ensemble`.
+
+    Attributes:
+        path: where it was restored from.
+        model: as `restore` returns one model: {"params", "batch_stats"} or an `OnnxModel`.
+        meta: its checkpoint's meta; its `config["model"]` builds its network, so
+            members may differ in architecture (a joined no-contrast pair among them).
+    """
+
+    path: str
+    model: object
+    meta: dict
+
+
+@dataclasses.dataclass(frozen=True)
+class Ensemble:
+    """Several models predicting together: `batch_probabilities` averages their pixel
+    and slice tumour probabilities (and the flipped slices' with `eval.flip_tta`), and
+    gives the standard deviation across them as the pixel uncertainty.
+
+    Attributes:
+        members: the models; they read the same input (`checkpointing.INPUT_FIELDS`).
+    """
+
+    members: tuple[Member, ...]
+
+    @property
+    def meta(self) -> dict:
+        """The meta that eval and predict read, as one model's.
+
+        config: the first member's (the input fields are every member's); step: the
+        newest member's; val_metrics.detection_threshold: the mean of the members' (0.5
+        for one without), the decision boundary of the mean slice tumour probability
+        when each member's sits at its own threshold; it is not chosen again, since
+        that would take patients some member did not validate on; train_patients: the
+        union of the members', so eval.split=val scores only patients none of them saw;
+        members: each one's checkpoint, step and detection threshold.
+        """
+        members = [
+            {
+                "checkpoint": os.path.abspath(m.path),
+                "step": int(m.meta["step"]),
+                "detection_threshold": _threshold(m.meta),
+            }
+            for m in self.members
+        ]
+        return {
+            "step": max(m["step"] for m in members),
+            "config": self.members[0].meta["config"],
+            "val_metrics": {
+                "detection_threshold": float(np.mean([m["detection_threshold"] for m in members]))
+            },
+            "train_patients": sorted(
+                set().union(*(m.meta["train_patients"] for m in self.members))
+            ),
+            "members": members,
+        }
+
+
+def _threshold(meta: dict) -> float:
+    """A checkpoint's detection threshold, chosen on its validation patients (0.5 if none)."""
+    return meta.get("val_metrics", {}).get("detection_threshold", 0.5)
+
+
+def _restore_one(path: str, backend: str):
     if backend == "jax":
         return checkpointing.restore_model(path)
     model = OnnxModel(find_onnx(path))
@@ -172,40 +254,114 @@ def restore(path: str, backend: str = "jax"):
     return model, model.meta
 
 
+def restore(path: str, backend: str = "jax"):
+    """The model that eval and predict run on `backend`, and its meta.
+
+    Args:
+        path: `config.checkpoint`: a workdir or checkpoint (jax); an .onnx file, or a
+            folder or workdir holding one (`find_onnx`; onnx); or several models, as a
+            comma-separated list or a folder of runs (`model_paths`).
+        backend: `config.inference.backend`, "jax" or "onnx".
+
+    Returns:
+        (model, meta): model is {"params", "batch_stats"} (jax) or an `OnnxModel`
+        (onnx), or an `Ensemble` of them for several models (meta: `Ensemble.meta`);
+        what `batch_probabilities`' call takes in place of the JAX variables.
+
+    Raises:
+        checkpointing.CheckpointError: a model cannot be restored, or two members read
+            different inputs (the message names both and the field).
+    """
+    paths = model_paths(path, backend)
+    if len(paths) == 1:
+        return _restore_one(paths[0], backend)
+    members = tuple(Member(p, *_restore_one(p, backend)) for p in paths)
+    first = members[0]
+    for member in members[1:]:
+        differ = checkpointing.input_differences(first.meta, member.meta)
+        if differ:
+            raise checkpointing.CheckpointError(
+                f"{first.path} and {member.path} read different inputs ({'; '.join(differ)}); "
+                f"the members of an ensemble must agree on {', '.join(checkpointing.INPUT_FIELDS)}"
+            )
+    ensemble = Ensemble(members)
+    logging.info("Predicting with an ensemble of %d models: %s", len(members), ", ".join(paths))
+    return ensemble, ensemble.meta
+
+
+def spread(views: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The ensemble's probability and its uncertainty from the views' probabilities.
+
+    Args:
+        views: [V, ...] probabilities of V views of the same slices (members, and each
+            member's mirrored slices with `eval.flip_tta`).
+
+    Returns:
+        (mean [...], standard deviation [...]) over the views, float32; the s.d. is the
+        population one (ddof 0): 0 for a single view, and where all views agree.
+    """
+    views = np.asarray(views, np.float32)
+    return views.mean(axis=0), views.std(axis=0)
+
+
 def batch_probabilities(config: ml_collections.ConfigDict) -> Callable:
-    """The model call of either backend: the one place that tells them apart.
+    """The model call of either backend, of one model or an ensemble, with flip TTA: the
+    one place that tells them apart.
 
     Args:
         config: a run config with the checkpoint's `model.*` fields (`checkpoint_config`)
             and `eval.batch_size`, `eval.flip_tta`.
 
     Returns:
-        probabilities(model, images) -> (mask [N, S, S], tumor [N]) float32 numpy, the
-        pixel and slice tumour probabilities of images [N, S, S, C] float32 model inputs,
-        for `model` as `restore` returns it: JAX variables (run by `pmapped_predict_step`
-        over the local devices in batches of `eval.batch_size` rounded up to a multiple
-        of the devices, the last one padded: one compilation) or an `OnnxModel` (run on
-        the host in batches of the same size; it holds its weights).
+        probabilities(model, images) -> (mask [N, S, S], tumor [N], mask_std [N, S, S])
+        float32 numpy: the pixel and slice tumour probabilities of images [N, S, S, C]
+        float32 model inputs, each the mean over the views (`spread`: every member of an
+        `Ensemble`, and with `eval.flip_tta` each one's prediction of the left-right
+        mirrored slices mirrored back), and the pixel probabilities' s.d. over the views
+        (0 for one model without flip TTA). `model` is as `restore` returns it. JAX
+        variables run by `pmapped_predict_step` (built from `config.model`; an ensemble
+        member's from its own meta) over the local devices in batches of
+        `eval.batch_size` rounded up to a multiple of the devices, the last one padded:
+        one compilation per architecture; an `OnnxModel` runs on the host in batches of
+        the same size (it holds its weights).
     """
     flip_tta = config.eval.flip_tta
     devices = jax.local_device_count()
     batch_size = -(-config.eval.batch_size // devices) * devices
-    step = pmapped_predict_step(models.create_model(config.model), flip_tta)
+    steps = {}  # one compiled step per architecture among the members
 
-    def run(model, images):
+    def view(model, model_config, images):
         if isinstance(model, OnnxModel):
-            return model(images, flip_tta)
+            return model(images)
+        key = json.dumps(checkpointing.plain(model_config), sort_keys=True)
+        if key not in steps:
+            steps[key] = pmapped_predict_step(models.create_model(model_config))
         padded, n = parallel.pad_batch({"image": images}, batch_size)
-        _, out = jax.device_get(step(model, parallel.split_for_devices(padded)))
+        _, out = jax.device_get(steps[key](model, parallel.split_for_devices(padded)))
         return out["mask"].reshape(-1, *out["mask"].shape[2:])[:n], out["tumor"].reshape(-1)[:n]
 
-    def probabilities(model, images):
+    def run(model, images):
+        members = [(model, config.model)]
+        if isinstance(model, Ensemble):
+            members = [(m.model, m.meta["config"]["model"]) for m in model.members]
         masks, tumors = [], []
-        for start in range(0, len(images), batch_size):
-            mask, tumor = run(model, images[start : start + batch_size])
+        for member, model_config in members:
+            mask, tumor = view(member, model_config, images)
             masks.append(mask)
             tumors.append(tumor)
-        return np.concatenate(masks), np.concatenate(tumors)
+            if flip_tta:  # brains are roughly left-right symmetric
+                mask, tumor = view(member, model_config, np.ascontiguousarray(images[:, :, ::-1]))
+                masks.append(mask[:, :, ::-1])
+                tumors.append(tumor)
+        (mask, mask_std), (tumor, _) = spread(masks), spread(tumors)
+        return mask, tumor, mask_std
+
+    def probabilities(model, images):
+        outputs = [
+            run(model, images[start : start + batch_size])
+            for start in range(0, len(images), batch_size)
+        ]
+        return tuple(np.concatenate(parts) for parts in zip(*outputs, strict=True))
 
     return probabilities
 
@@ -221,18 +377,23 @@ class Prediction:
         masks: [N, H, W] bool: probability >= 0.5 on slices called tumour
             (`tumor_probabilities` >= the detection threshold), post-processed.
         tumor_probabilities: [N] float32 slice tumour probabilities.
+        uncertainty: [N, H, W] float32 pixel uncertainty: the s.d. of the pixel
+            probability across an ensemble's members and flips (`batch_probabilities`),
+            resized as the probabilities are; 0 for one model without `eval.flip_tta`.
     """
 
     probabilities: np.ndarray
     masks: np.ndarray
     tumor_probabilities: np.ndarray
+    uncertainty: np.ndarray
 
 
 class Predictor:
     """Runs a model on one patient's slices at a time.
 
     Args:
-        model: as `restore` returns it: {"params", "batch_stats"} or an `OnnxModel`.
+        model: as `restore` returns it: {"params", "batch_stats"}, an `OnnxModel` or an
+            `Ensemble`.
         config: a run config with the model's `model.*` and `data.*` fields and
             `eval.batch_size`, `eval.flip_tta`, `eval.postprocess`.
         threshold: slice detection threshold (a slice below it gets an empty mask).
@@ -253,7 +414,8 @@ class Predictor:
 
         Args:
             path: the checkpoint; with the onnx backend an .onnx file or a folder holding
-                `model.onnx` (`find_onnx`).
+                `model.onnx` (`find_onnx`); several, comma-separated or a folder of runs,
+                predict as an `Ensemble`.
             config: run config for the evaluation settings (`eval.*`); the model-defining
                 fields always come from the checkpoint (`checkpointing.checkpoint_config`).
                 None: the checkpoint's own config.
@@ -265,8 +427,7 @@ class Predictor:
         config = checkpointing.checkpoint_config(
             config or ml_collections.ConfigDict(meta["config"]), meta
         )
-        threshold = meta.get("val_metrics", {}).get("detection_threshold", 0.5)
-        return cls(model, config, threshold)
+        return cls(model, config, _threshold(meta))
 
     def preprocess(self, slices: list) -> np.ndarray:
         """One patient's slices -> model inputs.
@@ -289,14 +450,15 @@ class Predictor:
             resized = context.stack_context(resized, neighbours)
         return preprocess.normalize(resized, method, stats)
 
-    def _probabilities(self, inputs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def _probabilities(self, inputs: np.ndarray) -> tuple[np.ndarray, ...]:
         """The model call (one method, so a test can stand in for the model).
 
         Args:
             inputs: [N, S, S, C] float32 model inputs (`preprocess`).
 
         Returns:
-            ([N, S, S] float32 pixel probabilities, [N] float32 slice tumour probabilities).
+            ([N, S, S] float32 pixel probabilities, [N] float32 slice tumour probabilities,
+            [N, S, S] float32 pixel probabilities' s.d.), as `batch_probabilities`.
         """
         return self._run(self.model, inputs)
 
@@ -330,11 +492,12 @@ class Predictor:
             slices.append(image)
         if not slices:
             raise ValueError("no slices to predict")
-        small, tumor = self._probabilities(self.preprocess(slices))
+        small, tumor, small_std = self._probabilities(self.preprocess(slices))
         heights, widths = zip(*(s.shape[:2] for s in slices), strict=True)
         probabilities = postprocess.probabilities_at_original_size(small, heights, widths)
+        uncertainty = postprocess.probabilities_at_original_size(small_std, heights, widths)
         masks = probabilities >= 0.5
         masks &= (tumor >= self.threshold)[:, None, None]  # called tumour-free: empty
         if self.postprocess == "largest_component":  # as evaluation: after the gate
             masks = postprocess.largest_component_3d(masks)
-        return Prediction(probabilities, masks, tumor)
+        return Prediction(probabilities, masks, tumor, uncertainty)

@@ -75,18 +75,15 @@ def gate(counts: dict, pred_tumor) -> dict:
     """Empties the predicted mask of slices the detector calls tumour-free.
 
     Args:
-        counts: dict of [N] arrays from `slice_counts`.
+        counts: dict of [N] arrays from `slice_counts`, and any other sums over the
+            predicted mask's pixels (evaluate's "std_sum").
         pred_tumor: [N] bool slice-level tumour decision.
 
     Returns:
-        `counts` with intersection and pred_area zeroed where `pred_tumor` is False.
+        `counts` with every sum but true_area zeroed where `pred_tumor` is False.
     """
     keep = np.asarray(pred_tumor, bool)
-    return dict(
-        counts,
-        intersection=np.where(keep, counts["intersection"], 0.0),
-        pred_area=np.where(keep, counts["pred_area"], 0.0),
-    )
+    return {k: v if k == "true_area" else np.where(keep, v, 0.0) for k, v in counts.items()}
 
 
 def roc_auc(scores, labels):

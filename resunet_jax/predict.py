@@ -19,13 +19,19 @@ Output in `WORKDIR/predict/`, mirroring the input's paths:
   `<name>_pred_prob.tif` (float32 pixel probabilities);
 - per volume `<name>_pred_mask.nii.gz` (uint8 0/1) and, with `predict.save_probabilities`,
   `<name>_pred_prob.nii.gz` (float32), on the input's grid with its affine and header;
+- with `predict.save_uncertainty`, `<name>_pred_std.tif` per .tif slice and
+  `<name>_pred_std.nii.gz` per volume (float32): the pixel uncertainty, the s.d. of the
+  pixel probability across an ensemble's members and flips (`inference.Prediction`;
+  0 for one model without `eval.flip_tta`);
 - `predictions.csv`: one row per .tif slice and per volume (a volume's tumour
   probability is its highest slice's, its area its voxel count);
 - `patients.csv` and `patients.json`: one row per patient (`PATIENT_FIELDS`): tumour
   yes/no, slices with tumour, lesion volume (in mL where the voxel size is known, i.e.
   for volumes, else in pixels, as `lesion_volume_unit` says), the largest 3D connected
   component's share of it, and the mean pixel probability over the predicted lesion.
-Probability maps are the model's, before the slice detection gate that empties the
+The `uncertainty` of a row (slice, volume or patient) is the mean pixel uncertainty over
+its predicted mask (`lesion_uncertainty`), empty where the mask is. Probability and
+uncertainty maps are the model's, before the slice detection gate that empties the
 masks of slices called tumour-free. An input that cannot be used gets one error line
 naming it and a row with its error in predictions.csv (and patients.csv for a volume);
 the other inputs are still processed.
@@ -47,7 +53,15 @@ from resunet_jax import checkpointing, evaluate, inference, postprocess, visuali
 from resunet_jax.data import lgg, volumes
 
 CSV_NAME = "predictions.csv"
-CSV_FIELDS = ("file", "tumor_probability", "tumor", "predicted_area_pixels", "mask_file", "error")
+CSV_FIELDS = (
+    "file",
+    "tumor_probability",
+    "tumor",
+    "predicted_area_pixels",
+    "uncertainty",
+    "mask_file",
+    "error",
+)
 PATIENTS_NAME = "patients.csv"  # and patients.json, the same rows
 PATIENT_FIELDS = (
     "patient",
@@ -59,8 +73,10 @@ PATIENT_FIELDS = (
     "lesion_volume_unit",
     "largest_component_share",
     "mean_tumor_probability",
+    "uncertainty",
     "mask_file",
     "probability_file",
+    "uncertainty_file",
     "error",
 )
 
@@ -148,49 +164,63 @@ def load_slice(path: str) -> np.ndarray:
     return np.repeat(image, 3, axis=-1) if image.shape[-1] == 1 else image
 
 
-def _write_prediction(path, image, mask, tumor_prob, probabilities, base, out_dir) -> dict:
-    """Writes one slice's mask (overlay if tumour, probabilities if given); returns its
+def lesion_uncertainty(uncertainty, mask) -> float | None:
+    """The mean pixel uncertainty over a predicted mask; None where it is empty.
+
+    Args:
+        uncertainty: [..., H, W] float32 pixel uncertainty (`inference.Prediction`).
+        mask: the predicted mask, bool, of the same shape.
+    """
+    return round(float(uncertainty[mask].mean()), 6) if mask.any() else None
+
+
+def _write_prediction(path, image, result, i, base, out_dir, save) -> dict:
+    """Writes one slice's mask (overlay if tumour, the maps `save` names); returns its
     CSV row.
 
     Args:
         path: the input file.
         image: [H, W, 3] uint8 slice as read.
-        mask: [H, W] bool predicted mask, after the detection gate.
-        tumor_prob: slice tumour probability.
-        probabilities: [H, W] float32 pixel probabilities, or None (not written).
+        result: the `inference.Prediction` of its folder.
+        i: the slice's index in `result`.
         base: input root; outputs mirror the path below it.
         out_dir: output folder.
+        save: which float32 maps to write besides the mask: "prob", "std" (suffixes).
     """
+    h, w = image.shape[:2]
+    mask = result.masks[i, :h, :w]
     rel = os.path.splitext(os.path.relpath(path, base))[0]
     mask_path = os.path.join(out_dir, f"{rel}_pred_mask.tif")
     os.makedirs(os.path.dirname(mask_path), exist_ok=True)
     tifffile.imwrite(mask_path, (mask * 255).astype(np.uint8), compression="zlib")
-    if probabilities is not None:
-        prob_path = os.path.join(out_dir, f"{rel}_pred_prob.tif")
-        tifffile.imwrite(prob_path, probabilities.astype(np.float32), compression="zlib")
+    maps = {"prob": result.probabilities, "std": result.uncertainty}
+    for suffix in save:
+        map_path = os.path.join(out_dir, f"{rel}_pred_{suffix}.tif")
+        tifffile.imwrite(map_path, maps[suffix][i, :h, :w].astype(np.float32), compression="zlib")
     if mask.any():
         visualize.overlay_png(image, mask, os.path.join(out_dir, f"{rel}_overlay.png"))
     return {
         "file": path,
-        "tumor_probability": round(tumor_prob, 6),
+        "tumor_probability": round(float(result.tumor_probabilities[i]), 6),
         "tumor": bool(mask.any()),
         "predicted_area_pixels": int(mask.sum()),
+        "uncertainty": lesion_uncertainty(result.uncertainty[i, :h, :w], mask),
         "mask_file": mask_path,
         "error": "",
     }
 
 
-def _patient_row(name, source, masks, probabilities, voxel_ml=None, **files) -> dict:
+def _patient_row(name, source, result, voxel_ml=None, **files) -> dict:
     """One patient's patients.csv row.
 
     Args:
         name: the patient's output name.
         source: its input folder, file or DICOM series.
-        masks: [Z, H, W] bool predicted masks in slice order.
-        probabilities: [Z, H, W] float32 pixel probabilities.
+        result: its `inference.Prediction`, slices in slice order.
         voxel_ml: one voxel's volume in mL; None: the lesion is counted in pixels.
-        **files: "mask_file", "probability_file" written for it.
+        **files: "mask_file", "probability_file", "uncertainty_file" written for it.
     """
+    masks, probabilities = result.masks, result.probabilities
     voxels = int(masks.sum())
     largest = int(postprocess.largest_component_3d(masks).sum()) if voxels else 0
     return dict.fromkeys(PATIENT_FIELDS, "") | {
@@ -205,11 +235,12 @@ def _patient_row(name, source, masks, probabilities, voxel_ml=None, **files) -> 
         "mean_tumor_probability": (
             round(float(probabilities[masks].mean()), 4) if voxels else None
         ),
+        "uncertainty": lesion_uncertainty(result.uncertainty, masks),
         **files,
     }
 
 
-def _predict_folder(predictor, folder, paths, root, out_dir, save_probabilities, rows, patients):
+def _predict_folder(predictor, folder, paths, root, out_dir, save, rows, patients):
     """Predicts one folder's .tif slices (one patient's volume, in natural order);
     unusable files become error rows."""
     read = []
@@ -224,16 +255,12 @@ def _predict_folder(predictor, folder, paths, root, out_dir, save_probabilities,
     result = predictor.predict([image for _, image in read])
     base = root if os.path.isdir(root) else os.path.dirname(root)  # outputs mirror below it
     for i, (path, image) in enumerate(read):
-        h, w = image.shape[:2]
-        probabilities = result.probabilities[i, :h, :w] if save_probabilities else None
-        prob = float(result.tumor_probabilities[i])
-        mask = result.masks[i, :h, :w]
-        rows.append(_write_prediction(path, image, mask, prob, probabilities, base, out_dir))
+        rows.append(_write_prediction(path, image, result, i, base, out_dir, save))
     name = volumes.output_name(folder, root)
-    patients.append(_patient_row(name, folder, result.masks, result.probabilities))
+    patients.append(_patient_row(name, folder, result))
 
 
-def _predict_volume(predictor, source, out_dir, save_probabilities, rows, patients):
+def _predict_volume(predictor, source, out_dir, save, rows, patients):
     """Predicts one NIfTI or DICOM patient into NIfTI files; an unusable one becomes
     error rows."""
     flair = source.sequences.get("flair", "")
@@ -250,27 +277,26 @@ def _predict_volume(predictor, source, out_dir, save_probabilities, rows, patien
     result = predictor.predict(volume.images)
     files = {"mask_file": os.path.join(out_dir, f"{source.name}_pred_mask.nii.gz")}
     volume.write_nifti(volume.to_input_grid(result.masks).astype(np.uint8), files["mask_file"])
-    if save_probabilities:
-        files["probability_file"] = os.path.join(out_dir, f"{source.name}_pred_prob.nii.gz")
-        volume.write_nifti(
-            volume.to_input_grid(result.probabilities).astype(np.float32),
-            files["probability_file"],
-        )
+    maps = {
+        "prob": ("probability_file", result.probabilities),
+        "std": ("uncertainty_file", result.uncertainty),
+    }
+    for suffix in save:
+        field, values = maps[suffix]
+        files[field] = os.path.join(out_dir, f"{source.name}_pred_{suffix}.nii.gz")
+        volume.write_nifti(volume.to_input_grid(values).astype(np.float32), files[field])
     rows.append(
         {
             "file": volume.source,
             "tumor_probability": round(float(result.tumor_probabilities.max()), 6),
             "tumor": bool(result.masks.any()),
             "predicted_area_pixels": int(result.masks.sum()),
+            "uncertainty": lesion_uncertainty(result.uncertainty, result.masks),
             "mask_file": files["mask_file"],
             "error": "",
         }
     )
-    patients.append(
-        _patient_row(
-            source.name, volume.source, result.masks, result.probabilities, volume.voxel_ml, **files
-        )
-    )
+    patients.append(_patient_row(source.name, volume.source, result, volume.voxel_ml, **files))
 
 
 def _write_csv(path, fields, rows):
@@ -298,7 +324,12 @@ def predict(config, workdir: str) -> list[dict]:
     if jax.process_count() > 1:  # every process writes the same files: none before the move
         multihost_utils.sync_global_devices("resunet_jax earlier predictions kept")
     os.makedirs(out_dir, exist_ok=True)
-    save_probabilities = config.predict.get("save_probabilities", False)
+    # The float32 maps written besides the masks, by their file suffix.
+    save = [
+        suffix
+        for suffix, field in (("prob", "save_probabilities"), ("std", "save_uncertainty"))
+        if config.predict.get(field, False)
+    ]
     rows, patients = [], []
     # A folder's slices are one patient's volume ("volume" statistics, neighbouring
     # slices, 3D components and the patient's report): they are predicted together.
@@ -306,9 +337,9 @@ def predict(config, workdir: str) -> list[dict]:
     for path in inputs.slices:
         folders.setdefault(os.path.dirname(path), []).append(path)
     for folder, paths in folders.items():
-        _predict_folder(predictor, folder, paths, root, out_dir, save_probabilities, rows, patients)
+        _predict_folder(predictor, folder, paths, root, out_dir, save, rows, patients)
     for source in inputs.volumes:
-        _predict_volume(predictor, source, out_dir, save_probabilities, rows, patients)
+        _predict_volume(predictor, source, out_dir, save, rows, patients)
     _write_csv(os.path.join(out_dir, CSV_NAME), CSV_FIELDS, rows)
     _write_csv(os.path.join(out_dir, PATIENTS_NAME), PATIENT_FIELDS, patients)
     json_path = os.path.join(out_dir, PATIENTS_NAME.replace(".csv", ".json"))

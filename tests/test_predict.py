@@ -258,7 +258,7 @@ def test_largest_component_post_processing_applies_per_folder_as_in_evaluation(
     # slice's prediction is the bright squares drawn into it.
     def probabilities(self, inputs):
         probs = inputs[..., 0]
-        return probs, probs.max(axis=(-2, -1))
+        return probs, probs.max(axis=(-2, -1)), np.zeros_like(probs)
 
     monkeypatch.setattr(inference.Predictor, "_probabilities", probabilities)
     folder = tmp_path / "in" / "patient"
