@@ -35,3 +35,23 @@ def test_input_pipeline_benchmark_reports_images_per_second():
         "benchmarks/input_pipeline.py", "--image_size", "32", "--batch", "8", "--batches", "2"
     )
     assert row["images_per_s"] > 0 and row["image_size"] == 32
+
+
+def test_paired_dice_compares_the_shared_patients(tmp_path):
+    sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+    import paired_dice
+
+    for name, rows in (
+        ("a", [("P1", "0.5"), ("P2", "0.7"), ("P3", "")]),
+        ("b", [("P1", "0.6"), ("P2", "0.6"), ("P4", "0.9")]),
+    ):
+        with open(tmp_path / f"{name}.csv", "w") as f:
+            f.write("patient_id,num_slices,dice\n")
+            f.writelines(f"{p},3,{d}\n" for p, d in rows)
+    result = paired_dice.paired(
+        paired_dice.read_dice(str(tmp_path / "a.csv")),
+        paired_dice.read_dice(str(tmp_path / "b.csv")),
+    )
+    assert result["patients"] == 2 and (result["better"], result["worse"]) == (1, 1)
+    assert result["mean_a"] == 0.6 and result["mean_b"] == 0.6 and result["mean_difference"] == 0.0
+    assert result["ci95"][0] == -0.1 and result["ci95"][1] == 0.1  # resamples of +-0.1
