@@ -19,19 +19,30 @@ import jax.numpy as jnp
 from resunet_jax import preprocess
 
 
-def example_keys(key, per_device: int, axis_name: str | None):
+def example_keys(key, per_device: int, axis_name: str | None, processes: int = 1):
     """One key per example of this device's share of the global batch.
 
     Args:
         key: the step's PRNG key (the same on every device).
         per_device: examples per device b.
         axis_name: the pmap axis; None = a single device.
+        processes: P > 1 when each of P processes batched every P-th element of one
+            stream (the tfdata source's shard): the example's index is then its place in
+            that stream, so that P processes draw what one process would.
 
     Returns:
-        [b] keys: `key` folded with the example's global index (device index x b + i).
+        [b] keys: `key` folded with the example's index in the global batch.
     """
-    first = jax.lax.axis_index(axis_name) * per_device if axis_name else 0
-    return jax.vmap(lambda i: jax.random.fold_in(key, i))(first + jnp.arange(per_device))
+    device = jax.lax.axis_index(axis_name) if axis_name else 0
+    row = jnp.arange(per_device)
+    if processes == 1:
+        index = device * per_device + row
+    else:
+        local = jax.local_device_count()
+        # Device d of process p holds rows d*b .. d*b + b-1 of p's batch: the stream's
+        # elements row * P + p (devices are numbered process by process).
+        index = ((device % local) * per_device + row) * processes + device // local
+    return jax.vmap(lambda i: jax.random.fold_in(key, i))(index)
 
 
 def draw(key, config) -> dict:

@@ -250,8 +250,11 @@ def batch_preparation(
     """
     per_device = config.batch_size // (num_devices or jax.device_count())
 
+    # Device source: every device draws on its own, so the devices' order is the batch's.
+    processes = 1 if config.data.pipeline == "device" else jax.process_count()
+
     def prepare(key, batch):
-        keys = augment.example_keys(key, per_device, axis_name)
+        keys = augment.example_keys(key, per_device, axis_name, processes)
         if config.data.pipeline == "device":
             pick = jax.vmap(lambda k: jax.random.fold_in(k, 1))(keys)
             batch = device_source.sample(pick, batch, config.data.tumor_fraction)
