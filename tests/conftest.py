@@ -43,6 +43,20 @@ def tiny_data(tmp_path_factory):
     return str(root)
 
 
+@pytest.fixture
+def copy_run(tmp_path):
+    """Copies a module's finished run into this test's tmp_path, for tests that change it.
+
+    Returns:
+        A function: workdir -> the copy's path.
+    """
+
+    def copy(workdir):
+        return shutil.copytree(workdir, str(tmp_path / "run"))
+
+    return copy
+
+
 def pytest_sessionfinish(session, exitstatus):
     if _XLA_CACHE:
         shutil.rmtree(_XLA_CACHE, ignore_errors=True)

@@ -4,7 +4,6 @@ checkpoints, a full disk, a read-only workdir."""
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 
@@ -101,12 +100,6 @@ def finished(tmp_path_factory):
     return workdir
 
 
-def _copy(finished, tmp_path):
-    workdir = str(tmp_path / "run")
-    shutil.copytree(finished, workdir)
-    return workdir
-
-
 def _damage(workdir, step):
     for folder, _, files in os.walk(os.path.join(workdir, "checkpoints", str(step), "model")):
         for name in files:
@@ -114,8 +107,8 @@ def _damage(workdir, step):
                 f.truncate(max(os.path.getsize(f.name) // 3, 1))
 
 
-def test_a_workdir_whose_checkpoints_are_all_damaged_keeps_refusing(finished, tmp_path):
-    workdir = _copy(finished, tmp_path)
+def test_a_workdir_whose_checkpoints_are_all_damaged_keeps_refusing(finished, copy_run):
+    workdir = copy_run(finished)
     steps = _steps(workdir)
     for step in steps:
         _damage(workdir, step)
@@ -165,8 +158,8 @@ def test_a_full_disk_gives_one_line_naming_the_path_and_keeps_earlier_steps(smal
     assert "Traceback" not in log
 
 
-def test_a_read_only_workdir_is_refused_before_evaluating(finished, tmp_path):
-    workdir = _copy(finished, tmp_path)
+def test_a_read_only_workdir_is_refused_before_evaluating(finished, tmp_path, copy_run):
+    workdir = copy_run(finished)
     before = sorted(os.listdir(workdir))
     if subprocess.run(["mount", "--bind", "-o", "ro", workdir, workdir]).returncode:
         pytest.skip("bind-mounting needs root")

@@ -6,10 +6,10 @@ import json
 import os
 import shutil
 
-import jax
 import numpy as np
 import pytest
 import tifffile
+from test_predict import _export_tiny
 
 from configs import tiny
 from resunet_jax import (
@@ -19,52 +19,19 @@ from resunet_jax import (
     evaluate,
     export,
     inference,
-    models,
     predict,
-    train,
 )
 from resunet_jax.data import lgg
-
-
-def _export(path, seed=0, train_patients=(), threshold=None, **data):
-    """Exports an untrained tiny model (params + BN statistics + meta), as the shipped
-    weights are.
-
-    Args:
-        path: export directory.
-        seed: parameter init (two seeds: two models that disagree).
-        train_patients: meta's training patients.
-        threshold: meta's detection threshold; None: 0.4 + seed / 10.
-        **data: `config.data` overrides.
-
-    Returns:
-        `path` as a string.
-    """
-    config = tiny.get_config()
-    config.model.detection_head = False  # "tumour" = a non-empty mask, so some slices are
-    config.data.update(data)
-    state = train.create_train_state(
-        jax.random.key(seed), config, models.create_model(config.model)
-    )
-    meta = {
-        "step": 10 + seed,
-        "config": checkpointing.config_json(config),
-        "val_metrics": {"detection_threshold": 0.4 + seed / 10 if threshold is None else threshold},
-        "train_patients": list(train_patients),
-    }
-    variables = {"params": state.params, "batch_stats": state.batch_stats}
-    checkpointing.export_model(str(path), variables, meta)
-    return str(path)
 
 
 @pytest.fixture(scope="module")
 def members(tmp_path_factory):
     """Exported tiny models: "a" and "a_copy" identical, "b" another one."""
     root = tmp_path_factory.mktemp("members")
-    paths = {"a": _export(root / "a", 0, ["p1", "p2"])}
+    paths = {"a": _export_tiny(root / "a", 0, ["p1", "p2"])}
     paths["a_copy"] = str(root / "a_copy")
     shutil.copytree(paths["a"], paths["a_copy"])
-    paths["b"] = _export(root / "b", 1, ["p2", "p3"])
+    paths["b"] = _export_tiny(root / "b", 1, ["p2", "p3"])
     return paths
 
 
@@ -177,7 +144,7 @@ def test_a_joined_member_routes_its_own_slices(members, tmp_path):
     ensemble: a FLAIR-only slice gets its no-contrast network's probability."""
     variables, meta = checkpointing.join_no_contrast_expert(members["a"], members["b"])
     checkpointing.export_model(str(tmp_path / "joined"), variables, meta)
-    other = _export(tmp_path / "other", 2)
+    other = _export_tiny(tmp_path / "other", 2)
     images = _images(2)
     images[1] = images[1, ..., 1:2]  # FLAIR only: routed to "b"
     got = inference.Predictor.from_checkpoint(f"{tmp_path / 'joined'},{other}").predict(images)
@@ -212,7 +179,7 @@ def test_an_ensemble_on_onnx_runtime_predicts_as_on_jax(members, tmp_path):
 
 
 def test_members_reading_different_inputs_are_refused(members, tmp_path):
-    volume = _export(tmp_path / "volume", 0, normalization="volume")
+    volume = _export_tiny(tmp_path / "volume", 0, normalization="volume")
     with pytest.raises(
         errors.CheckpointError,
         match=rf"{members['a']} and {volume} read different inputs "
@@ -250,7 +217,7 @@ def folds(tiny_data, tmp_path_factory):
     ids = lgg.patient_ids(lgg.discover(tiny_data))
     for k in range(3):
         train_ids, _ = lgg.split_patients(ids, 3, k, seed=0)
-        _export(runs / f"fold_{k}", k, train_ids, threshold=0.5)
+        _export_tiny(runs / f"fold_{k}", k, train_ids, threshold=0.5)
     return str(runs), ids
 
 

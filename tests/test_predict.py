@@ -20,7 +20,7 @@ from resunet_jax import (
 from resunet_jax.data import lgg
 
 
-def _export_tiny(path, seed=0, train_patients=(), **data):
+def _export_tiny(path, seed=0, train_patients=(), threshold=None, **data):
     """Exports an untrained tiny model like the shipped weights (params + BN only).
 
     Args:
@@ -28,6 +28,7 @@ def _export_tiny(path, seed=0, train_patients=(), **data):
         seed: parameter init; also sets meta's step (10 + seed) and detection
             threshold (0.4 + seed / 10), so two exports can be told apart.
         train_patients: meta's training patients.
+        threshold: meta's detection threshold instead of 0.4 + seed / 10.
         **data: `config.data` overrides (e.g. normalization="volume").
 
     Returns:
@@ -42,7 +43,7 @@ def _export_tiny(path, seed=0, train_patients=(), **data):
     meta = {
         "step": 10 + seed,
         "config": checkpointing.config_json(config),
-        "val_metrics": {"detection_threshold": 0.4 + seed / 10},
+        "val_metrics": {"detection_threshold": 0.4 + seed / 10 if threshold is None else threshold},
         "train_patients": list(train_patients),
     }
     variables = {"params": state.params, "batch_stats": state.batch_stats}

@@ -104,14 +104,8 @@ def trained(tmp_path_factory):
     return workdir
 
 
-def _copy(trained, tmp_path):
-    workdir = str(tmp_path / "run")
-    shutil.copytree(trained, workdir)
-    return workdir
-
-
-def test_killed_save_and_damaged_latest_step_fall_back(trained, tmp_path):
-    workdir = _copy(trained, tmp_path)
+def test_killed_save_and_damaged_latest_step_fall_back(trained, copy_run):
+    workdir = copy_run(trained)
     leftover = os.path.join(workdir, "checkpoints", "9.orbax-checkpoint-tmp-1234")
     shutil.copytree(os.path.join(workdir, "checkpoints", "6"), leftover)
     for folder, _, files in os.walk(os.path.join(workdir, "checkpoints", "6", "model")):
@@ -128,8 +122,8 @@ def test_killed_save_and_damaged_latest_step_fall_back(trained, tmp_path):
         assert json.load(f)["checkpoint_step"] in (3, 6, 8)
 
 
-def test_incompatible_checkpoint_names_the_mismatched_shapes(trained, tmp_path):
-    workdir = _copy(trained, tmp_path)
+def test_incompatible_checkpoint_names_the_mismatched_shapes(trained, copy_run):
+    workdir = copy_run(trained)
     log = _launch(
         workdir, "--config.model.bottleneck_features=8", "--config.num_train_steps=9", expect_rc=1
     )
@@ -141,8 +135,8 @@ def test_incompatible_checkpoint_names_the_mismatched_shapes(trained, tmp_path):
     assert _steps(workdir) == [3, 6]
 
 
-def test_non_finite_loss_stops_with_the_step_and_keeps_good_checkpoints(trained, tmp_path):
-    workdir = _copy(trained, tmp_path)
+def test_non_finite_loss_stops_with_the_step_and_keeps_good_checkpoints(trained, copy_run):
+    workdir = copy_run(trained)
     log = _launch(
         workdir,
         "--config.optimizer.learning_rate=1e30",
@@ -226,8 +220,8 @@ def test_empty_folder_and_too_few_patients_are_reported(tmp_path):
     assert len(source.patient_ids) == 2 and not source.train_ids
 
 
-def test_bad_data_through_launch_is_one_line_and_keeps_the_workdir(trained, tmp_path):
-    workdir = _copy(trained, tmp_path)
+def test_bad_data_through_launch_is_one_line_and_keeps_the_workdir(trained, tmp_path, copy_run):
+    workdir = copy_run(trained)
     before = sorted(os.listdir(workdir))
     for data_dir, message in (
         (tmp_path / "missing", "missing: data folder does not exist"),
