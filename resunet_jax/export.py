@@ -128,7 +128,8 @@ def to_onnx(variables: dict, meta: dict):
     ONNX Runtime's basic graph optimisation (hardware-independent, standard ONNX
     operators only) then folds the BatchNorms that follow a convolution into its
     weights, folds constants and removes most of the layout Transposes jax2onnx puts
-    around NHWC operations.
+    around NHWC operations; on its shapes the nearest 2x upsamplings then become ONNX
+    `Resize` (`_upsampling_as_resize`).
 
     Args:
         variables: {"params", "batch_stats"}.
@@ -178,7 +179,7 @@ def to_onnx(variables: dict, meta: dict):
         onnx.save(proto, raw)
         options.optimized_model_filepath = optimized
         ort.InferenceSession(raw, options, providers=["CPUExecutionProvider"])
-        proto = onnx.load(optimized)
+        proto = _upsampling_as_resize(onnx.load(optimized))
     # ONNX Runtime declares all its operator domains; keep those the graph uses.
     used = {node.domain for node in proto.graph.node}
     kept = [o for o in proto.opset_import if o.domain in used]
@@ -187,3 +188,73 @@ def to_onnx(variables: dict, meta: dict):
     proto = onnx.shape_inference.infer_shapes(proto)
     onnx.checker.check_model(proto)
     return proto
+
+
+def _upsampling_as_resize(proto):
+    """Replaces each nearest 2x upsampling (`models.upsample2x`) by one ONNX `Resize`.
+
+    jax2onnx writes the broadcast + reshape of `upsample2x` as Reshape -> Expand ->
+    Reshape on NHWC tensors, with Shape/Gather/Concat for the dynamic batch. ONNX
+    Runtime cannot move its layout Transposes through a Reshape, so each decoder level
+    would keep a Transpose pair and NHWC copies; through a `Resize` it can, and the whole
+    network then runs in its blocked NCHW layout, as a graph exported from PyTorch does.
+    (jax2onnx cannot trace `jax.image.resize` with a symbolic batch, so the model itself
+    keeps the broadcast.) The results are identical: nearest 2x with floor rounding is
+    the same copy of each pixel into a 2x2 block.
+
+    Args:
+        proto: a jax2onnx ModelProto after ONNX Runtime's basic optimisation (which
+            annotates the shapes of the values the Reshapes compute).
+
+    Returns:
+        The ModelProto with the upsamplings replaced and the nodes only they used removed.
+    """
+    import numpy as np
+    import onnx
+
+    inferred = onnx.shape_inference.infer_shapes(proto)
+    shapes = {
+        v.name: [d.dim_value or None for d in v.type.tensor_type.shape.dim]
+        for v in (*inferred.graph.value_info, *inferred.graph.input)
+    }
+    producer = {out: node for node in proto.graph.node for out in node.output}
+    scales = "upsample2x_scales"
+    nodes, replaced = [], 0
+    for node in proto.graph.node:
+        source = node.input[0] if node.op_type == "Reshape" else None
+        if source in producer and producer[source].op_type == "Expand":
+            while source in producer and producer[source].op_type in ("Expand", "Reshape"):
+                source = producer[source].input[0]
+            before, after = shapes.get(source), shapes.get(node.output[0])
+            if (
+                before and after and len(before) == len(after) == 4
+                and after[1:] == [2 * before[1], 2 * before[2], before[3]]
+            ):  # fmt: skip
+                node = onnx.helper.make_node(
+                    "Resize",
+                    [source, "", scales],
+                    list(node.output),
+                    name=f"upsample2x_{replaced}",
+                    mode="nearest",
+                    coordinate_transformation_mode="asymmetric",
+                    nearest_mode="floor",
+                )
+                replaced += 1
+        nodes.append(node)
+    if not replaced:
+        return proto
+    del proto.graph.node[:]
+    proto.graph.node.extend(nodes)
+    proto.graph.initializer.append(
+        onnx.numpy_helper.from_array(np.array([1, 2, 2, 1], np.float32), scales)
+    )
+    # Keep only what the outputs need: the Shape/Gather/Concat/Expand of the broadcasts go.
+    graph = proto.graph
+    extracted = onnx.utils.Extractor(proto).extract_model(
+        [i.name for i in graph.input], [o.name for o in graph.output]
+    )
+    extracted.ir_version, extracted.graph.name = proto.ir_version, graph.name
+    del extracted.opset_import[:]
+    extracted.opset_import.extend(proto.opset_import)
+    del extracted.graph.value_info[:]
+    return extracted

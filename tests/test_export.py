@@ -123,6 +123,9 @@ def test_exported_network_gives_the_jax_probabilities_and_its_card(tiny_data, tm
 
     ops = [n.op_type for n in onnx.load(path).graph.node]
     assert ops.count("BatchNormalization") == 2  # the stem's, after a ReLU
+    # Each decoder level's nearest 2x upsampling is one Resize, not broadcast + reshape.
+    assert ops.count("Resize") == len(tiny.get_config().model.features) + 1
+    assert not {"Expand", "Reshape", "Shape"} & set(ops), sorted(set(ops))
 
 
 def test_exported_routed_pair_gives_the_jax_probabilities(tiny_data, tmp_path):
