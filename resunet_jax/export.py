@@ -141,7 +141,8 @@ def to_onnx(variables: dict, meta: dict):
 
     model_config = dict(meta["config"]["model"], dtype="float32")
     data_config = meta["config"]["data"]
-    model = models.create_model(model_config, axis_name=None)
+    # The decoder's concatenating form: ONNX Runtime folds its BatchNorms (models.ResUNet).
+    model = models.create_model(model_config, axis_name=None, concat_skips=True)
     size = data_config["image_size"]
     variables = jax.tree.map(jnp.asarray, variables)
 
