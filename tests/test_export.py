@@ -126,6 +126,11 @@ def test_exported_network_gives_the_jax_probabilities_and_its_card(tiny_data, tm
     # Each decoder level's nearest 2x upsampling is one Resize, not broadcast + reshape.
     assert ops.count("Resize") == len(tiny.get_config().model.features) + 1
     assert not {"Expand", "Reshape", "Shape"} & set(ops), sorted(set(ops))
+    # On CPUs a batch runs as one part per thread: the probabilities of one run.
+    images = _slices(tiny_data)[:5]
+    whole, parts = inference.OnnxModel(path, threads=1), inference.OnnxModel(path, threads=3)
+    for a, b in zip(whole(images), parts(images), strict=True):
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
 
 
 def test_exported_routed_pair_gives_the_jax_probabilities(tiny_data, tmp_path):
