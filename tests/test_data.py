@@ -151,3 +151,27 @@ def test_arrays_name_every_unusable_file_and_cache_nothing(tmp_path):
     assert "P_1.tif: unreadable TIFF" in str(e.value)
     assert "Q_2_mask.tif: mask values" in str(e.value)
     assert not any(files for _, _, files in os.walk(prep))
+
+
+def test_prepare_uses_the_copy_of_a_job_that_prepared_the_same_folder_first(tmp_path, monkeypatch):
+    # Two fold runs started together both find the folder unprepared; the one that
+    # finishes second must use the first one's copy, not fail to rename over it.
+    src, prep = tmp_path / "src", tmp_path / "prep"
+    _write_patient(src, "P", 3)
+    slices = lgg.discover(str(src))
+    generate = tfds_lgg.LggBuilder._generate_examples
+    other_job = []
+
+    def generate_while_another_job_finishes(self, data_dir):
+        if not other_job:
+            other_job.append("started")
+            other_job.append(tfds_lgg.prepare(str(src), str(prep), slices))
+        yield from generate(self, data_dir)
+
+    monkeypatch.setattr(
+        tfds_lgg.LggBuilder, "_generate_examples", generate_while_another_job_finishes
+    )
+    builder = tfds_lgg.prepare(str(src), str(prep), slices)
+    assert len(other_job) == 2 and builder.is_prepared()
+    assert builder.info.splits[tfds_lgg.SPLIT].num_examples == 3
+    assert [d for d in os.listdir(prep / os.listdir(prep)[0] / "lgg_builder")] == ["1.0.0"]

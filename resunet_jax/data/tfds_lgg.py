@@ -68,16 +68,29 @@ def prepare(data_dir: str, prepared_root: str, slices: list[lgg.Slice]) -> LggBu
         prepared_root: parent folder of all prepared data.
         slices: `lgg.discover(data_dir)`.
 
+    Safe when several processes prepare the same folder at once: the first copy wins.
+
     Raises:
         DataError: naming every unusable file, before anything is prepared.
     """
     # TensorFlow is the host's input pipeline here: it must never take accelerator
     # memory from JAX. Set before TF's first op initialises its devices.
     tf.config.set_visible_devices([], "GPU")
-    builder = LggBuilder(data_dir=os.path.join(prepared_root, lgg.fingerprint(data_dir, slices)))
+    root = os.path.join(prepared_root, lgg.fingerprint(data_dir, slices))
+    builder = LggBuilder(data_dir=root)
     if not builder.is_prepared():
         problems = lgg.validate(slices)
         if problems:
             raise lgg.unusable_files(data_dir, problems)
-    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=data_dir))
+    try:
+        builder.download_and_prepare(
+            download_config=tfds.download.DownloadConfig(manual_dir=data_dir)
+        )
+    except FileExistsError:
+        # Another job (fold runs started together on a cluster) prepared the same folder
+        # first and TFDS cannot rename over it; that copy is the same data, so use it.
+        # No lock: flock is unreliable on the shared filesystems such jobs run on.
+        builder = LggBuilder(data_dir=root)
+        if not builder.is_prepared():
+            raise
     return builder
