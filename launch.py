@@ -55,7 +55,7 @@ def main(argv):
         "train": train.train_and_evaluate,
         "eval": evaluate.evaluate_checkpoint,
         "predict": predict.predict,
-        "export": export.export_onnx,
+        "export": export.export,
         "cv": evaluate.cross_validate,
     }[FLAGS.mode]
     try:

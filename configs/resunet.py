@@ -163,7 +163,8 @@ def get_config() -> ml_collections.ConfigDict:
     config.inference.backend = "jax"
 
     config.export = ml_collections.ConfigDict()
-    # --mode=export output (.onnx; a .json beside it); "" = WORKDIR/export/model.onnx.
+    # --mode=export output: an .onnx (a .json beside it; "" = WORKDIR/export/model.onnx),
+    # or a new folder for the weights and meta alone, as pretrained/ holds them.
     config.export.path = ""
 
     # Multi-host: call jax.distributed.initialize (auto-detects SLURM, TPU pods, ...).

@@ -5,6 +5,8 @@ in a TensorFlow traceback, an image side the network cannot pool in a shape erro
 after the data are prepared, an unknown loss after the workdir is made.
 """
 
+import os
+
 import jax
 import ml_collections
 
@@ -114,8 +116,10 @@ def validate(config: ml_collections.ConfigDict, mode: str) -> None:
                 "onnx runs an exported model in eval and predict; training validates its "
                 "own weights with the jax backend",
             )
-    if mode == "export" and config.export.path and not config.export.path.endswith(".onnx"):
-        _fail(config, "export.path", "must end in .onnx")
+    out = config.export.path
+    if mode == "export" and out and not out.endswith(".onnx") and os.path.exists(out):
+        # A checkpoint folder is written whole; never over something already there.
+        _fail(config, "export.path", "exists; a checkpoint export writes a new folder")
     if mode == "cv" and config.eval.split != "val":
         _fail(config, "eval.split", "--mode=cv scores each run on the patients it did not train on")
     if mode == "predict" and not config.predict.input:

@@ -1,7 +1,8 @@
 """ONNX export of a checkpoint's inference network, and ONNX Runtime as a predict backend.
 
 `--mode=export` writes the model of a checkpoint (`config.checkpoint`, else the
-workdir's best) to `WORKDIR/export/model.onnx` (or `export.path`): one graph from
+workdir's best) to `WORKDIR/export/model.onnx` (or `export.path`; a path without .onnx
+gets the variables alone, as an orbax checkpoint folder): one graph from
 normalised model inputs [b, S, S, C] float32 (NHWC, batch dynamic) to the pixel tumour
 probabilities [b, S, S] ("mask") and the slice tumour probabilities [b] ("tumor"),
 BatchNorm in inference form, and with `model.no_contrast_expert` both networks and
@@ -77,21 +78,29 @@ def model_card(meta: dict) -> dict:
     return card
 
 
-def export_onnx(config, workdir: str) -> str:
-    """Writes the checkpoint's model as ONNX (`--mode=export`) and a JSON beside it.
+def export(config, workdir: str) -> str:
+    """Writes the checkpoint's model for sharing (`--mode=export`).
 
-    The checkpoint is `config.checkpoint`, else the workdir's best (else latest).
+    The checkpoint is `config.checkpoint`, else the workdir's best (else latest). An
+    `export.path` ending in .onnx (the default, WORKDIR/export/model.onnx) gets the ONNX
+    graph and a JSON beside it (`write_onnx`); any other path is a folder that gets the
+    model's variables and meta alone, without optimizer state or other steps, as
+    pretrained/ holds them (a third of a training checkpoint's size; restorable wherever
+    `config.checkpoint` is read).
 
     Returns:
-        The path of the written .onnx: `export.path`, else WORKDIR/export/model.onnx.
+        The path written.
 
     Raises:
-        FileNotFoundError: no checkpoint at the path.
+        checkpointing.CheckpointError: no checkpoint at the path.
     """
     path = config.checkpoint or workdir
     out = config.export.path or os.path.join(workdir, "export", inference.ONNX_NAME)
     variables, meta = checkpointing.restore_model(path)
-    write_onnx(variables, meta, out)
+    if out.endswith(".onnx"):
+        write_onnx(variables, meta, out)
+    else:
+        checkpointing.export_model(out, variables, meta)
     logging.info("Exported %s step %d to %s", path, int(meta["step"]), out)
     return out
 

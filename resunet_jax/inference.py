@@ -101,7 +101,7 @@ class OnnxModel:
     """An exported model on ONNX Runtime, called like the JAX model in `infer`.
 
     Args:
-        path: the .onnx file (`export.export_onnx`).
+        path: the .onnx file (`export.export`).
         threads: ONNX Runtime's intra-op threads; 0 = its default (one per core).
 
     Attributes:

@@ -162,7 +162,7 @@ def test_an_ensemble_on_onnx_runtime_predicts_as_on_jax(members, tmp_path):
         shutil.copytree(members[k], runs / k)
         config = tiny.get_config()
         config.checkpoint = str(runs / k)
-        export.export_onnx(config, str(runs / k))
+        export.export(config, str(runs / k))
     got = {}
     for backend in ("jax", "onnx"):
         config = tiny.get_config()

@@ -77,7 +77,7 @@ def _export(checkpoint, workdir, onnx_path=""):
     config = tiny.get_config()
     config.checkpoint = checkpoint
     config.export.path = onnx_path
-    return export.export_onnx(config, str(workdir))
+    return export.export(config, str(workdir))
 
 
 def _slices(tiny_data, n=6, channels=3):
@@ -233,8 +233,33 @@ def test_onnx_backend_errors_name_the_fix(tmp_path):
     config.inference.backend = "onnx"
     with pytest.raises(errors.ConfigError, match="training validates its own weights"):
         config_checks.validate(config, "train")
-    config.export.path = str(tmp_path / "model.bin")
-    with pytest.raises(errors.ConfigError, match="export.path=.*: must end in .onnx"):
+
+
+def test_export_to_a_folder_keeps_the_weights_and_meta_alone(tmp_path):
+    """A training checkpoint (weights, their average, optimizer state) exported to a
+    folder restores the same model variables and meta, without the rest, and is one
+    model where `config.checkpoint` is read."""
+    config = tiny.get_config()
+    state = train.create_train_state(jax.random.key(0), config, models.create_model(config.model))
+    saver = checkpointing.Checkpointer(str(tmp_path / "run"), keep=1)
+    saver.save(state, {"step": 0, "config": checkpointing.config_json(config)})
+    saver.close()
+    out = str(tmp_path / "shared" / "fold_1")
+    config.export.path = out
+    config_checks.validate(config, "export")
+    assert export.export(config, str(tmp_path / "run")) == out
+    (want, want_meta), (got, got_meta) = map(
+        checkpointing.restore_model, (str(tmp_path / "run"), out)
+    )
+    assert got_meta == want_meta
+    jax.tree.map(np.testing.assert_array_equal, got, want)
+
+    def size(folder):
+        return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+
+    assert size(tmp_path / "shared") < size(tmp_path / "run") / 2  # no optimizer state
+    assert inference.model_paths(str(tmp_path / "shared")) == [out]
+    with pytest.raises(errors.ConfigError, match="exists; a checkpoint export writes a new"):
         config_checks.validate(config, "export")
 
 
