@@ -174,4 +174,4 @@ def test_prepare_uses_the_copy_of_a_job_that_prepared_the_same_folder_first(tmp_
     builder = tfds_lgg.prepare(str(src), str(prep), slices)
     assert len(other_job) == 2 and builder.is_prepared()
     assert builder.info.splits[tfds_lgg.SPLIT].num_examples == 3
-    assert [d for d in os.listdir(prep / os.listdir(prep)[0] / "lgg_builder")] == ["1.0.0"]
+    assert os.listdir(prep / os.listdir(prep)[0] / "lgg_builder") == ["1.0.0"]
