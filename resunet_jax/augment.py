@@ -8,7 +8,8 @@ the seed and the step, whatever the number of devices or hosts.
 
 Per example, in this order: missing sequences (a sequence replaced by the FLAIR),
 flip + rotation + zoom as one bilinear warp of image and mask together (zeros outside),
-per-sequence gain and gamma, then the model's normalisation (`preprocess.normalize`).
+per-sequence gain and gamma, then the model's normalisation: the augmentation is the `transform` of
+`inputs.model_input`, the one way a slice becomes model input.
 """
 
 import math
@@ -16,7 +17,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from resunet_jax import preprocess
+from resunet_jax import inputs
 
 
 def example_keys(key, per_device: int, axis_name: str | None, processes: int = 1):
@@ -120,31 +121,32 @@ def augment(key, image, mask, config, normalization: str = "scale", stats=None) 
             post-contrast.
         mask: [S, S, 1] uint8 in {0, 1}.
         config: `config.augment`.
-        normalization: `data.normalization` (`preprocess.normalize`).
+        normalization: `data.normalization` (`inputs.normalize`).
         stats: "volume" normalisation: [2, 3] the slice's volume statistics.
 
     Returns:
         {"image": [S, S, 3n] float32 model input, "mask": [S, S, 1] uint8 in {0, 1}}.
     """
     p = draw(key, config)
-    if config.missing_sequences:
-        image = preprocess.drop_sequences(image, p["missing"])
-        if stats is not None:  # the FLAIR's mean and std for the missing sequences
-            stats = preprocess.drop_sequences(stats[None], p["missing"])[0]
-    slices = jnp.concatenate([image, mask], axis=-1).astype(jnp.float32)
-    if config.flip or config.rotate_degrees or config.scale:
-        # Image and mask in one resample, so they stay aligned.
-        slices = warp(slices, p["flip"], p["angle"], p["zoom"])
-    repeats = image.shape[-1] // 3  # one scanner: context slices share a sequence's draw
-    image = jnp.clip(slices[..., :-1] * jnp.tile(p["gain"], repeats), 0.0, 255.0)
-    if config.gamma:
-        # 255 (x/255)^γ keeps black and white and moves the mid-tones, as contrast
-        # changes between scanners; exp(γ log x) because XLA's CPU pow is slower.
-        image = 255.0 * jnp.exp(jnp.tile(p["gamma"], repeats) * jnp.log(image / 255.0))
-    return {
-        "image": preprocess.normalize(image, normalization, stats),
-        "mask": (slices[..., -1:] >= 0.5).astype(jnp.uint8),
-    }
+    warped = {"mask": mask.astype(jnp.float32)}
+
+    def transform(image):  # [S, S, 3n] float32 in [0, 255], missing sequences filled
+        if config.flip or config.rotate_degrees or config.scale:
+            # Image and mask in one resample, so they stay aligned.
+            slices = jnp.concatenate([image, warped["mask"]], axis=-1)
+            slices = warp(slices, p["flip"], p["angle"], p["zoom"])
+            image, warped["mask"] = slices[..., :-1], slices[..., -1:]
+        repeats = image.shape[-1] // 3  # one scanner: context slices share a sequence's draw
+        image = jnp.clip(image * jnp.tile(p["gain"], repeats), 0.0, 255.0)
+        if config.gamma:
+            # 255 (x/255)^γ keeps black and white and moves the mid-tones, as contrast
+            # changes between scanners; exp(γ log x) because XLA's CPU pow is slower.
+            image = 255.0 * jnp.exp(jnp.tile(p["gamma"], repeats) * jnp.log(image / 255.0))
+        return image
+
+    missing = p["missing"] if config.missing_sequences else None
+    image = inputs.model_input(image, stats, missing, normalization, transform)
+    return {"image": image, "mask": (warped["mask"] >= 0.5).astype(jnp.uint8)}
 
 
 def augment_batch(keys, batch: dict, config, normalization: str = "scale") -> dict:

@@ -10,7 +10,7 @@ import os
 import jax
 import ml_collections
 
-from resunet_jax import inference, losses, models, postprocess, preprocess, train
+from resunet_jax import inference, inputs, losses, models, postprocess, train
 from resunet_jax.data import sources
 from resunet_jax.errors import ConfigError
 
@@ -35,11 +35,11 @@ def validate(config: ml_collections.ConfigDict, mode: str) -> None:
     _choices(config, "optimizer.name", train.OPTIMIZERS)
     _choices(config, "optimizer.schedule", train.SCHEDULES)
     _choices(config, "model.dtype", models.DTYPES)
-    _choices(config, "data.normalization", preprocess.NORMALIZATIONS)
+    _choices(config, "data.normalization", inputs.NORMALIZATIONS)
     _choices(config, "data.pipeline", train.PIPELINES)
     _choices(config, "eval.split", ("val", "all"))
     _choices(config, "eval.postprocess", postprocess.METHODS)
-    _choices(config, "eval.missing_sequences", tuple(preprocess.MISSING_SEQUENCES))
+    _choices(config, "eval.missing_sequences", tuple(inputs.MISSING_SEQUENCES))
     _choices(config, "inference.backend", inference.BACKENDS)
 
     for field in (

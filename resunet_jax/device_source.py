@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from resunet_jax import context, parallel, preprocess
+from resunet_jax import inputs, parallel
 
 
 def training_arrays(slices: dict, config) -> dict:
@@ -32,7 +32,7 @@ def training_arrays(slices: dict, config) -> dict:
     """
     patients, positions = slices["patient_id"], slices["slice_index"]
     out = {"image": slices["image"], "mask": slices["mask"]}
-    rows = context.context_rows(patients, positions, config.data.context_slices)
+    rows = inputs.neighbours(patients, positions, config.data.context_slices)
     out["context"] = rows.astype(np.int32)
     has_tumor = out["mask"].any(axis=(1, 2, 3))
     if config.data.tumor_fraction is not None and has_tumor.all() != has_tumor.any():
@@ -47,7 +47,7 @@ def training_arrays(slices: dict, config) -> dict:
         out["tumor"] = np.arange(len(has_tumor), dtype=np.int32)
         out["clean"] = out["tumor"][:0]
     if config.data.normalization == "volume":
-        out["norm"] = preprocess.patient_volume_stats(out["image"], patients)
+        out["norm"] = inputs.volume_statistics(out["image"], patients)
     return out
 
 
@@ -81,7 +81,7 @@ def sample(keys, data: dict, tumor_fraction: float | None) -> dict:
             clean = data["clean"][jax.random.randint(k_clean, (), 0, data["clean"].shape[0])]
             idx = jnp.where(jax.random.uniform(k_kind) < tumor_fraction, idx, clean)
         example = {
-            "image": context.stack_context(data["image"], data["context"][idx]),
+            "image": inputs.stack_context(data["image"], data["context"][idx]),
             "mask": data["mask"][idx],
         }
         if "norm" in data:

@@ -24,12 +24,11 @@ from absl import logging
 
 from resunet_jax import (
     checkpointing,
-    context,
     errors,
     inference,
+    inputs,
     metrics,
     postprocess,
-    preprocess,
     visualize,
 )
 from resunet_jax.data import arrays, sources
@@ -61,8 +60,8 @@ class Evaluator:
     """Evaluates a model on every slice of a set of patients.
 
     The slices are read once, as arrays at the model's input side (`data.arrays`); each
-    batch's model inputs are made from them as prediction makes them (`preprocess`,
-    `context`).
+    batch's model inputs are made from them by `inputs.model_input`, as prediction makes
+    them.
 
     Args:
         source: the data source.
@@ -92,13 +91,14 @@ class Evaluator:
             sources.prepared_root(config),
         )
         pids, index = self.slices["patient_id"], self.slices["slice_index"]
-        self.context = context.context_rows(pids, index, config.data.context_slices)
+        self.context = inputs.neighbours(pids, index, config.data.context_slices)
         self.stats = None
         if self.normalization == "volume":  # each slice's patient's statistics
-            self.stats = preprocess.patient_volume_stats(self.slices["image"], pids)
+            self.stats = inputs.volume_statistics(self.slices["image"], pids)
         # With eval.missing_sequences set, the named sequences are replaced by the FLAIR:
         # how the model fares on a patient without them.
-        self.missing = np.array(preprocess.MISSING_SEQUENCES[config.eval.missing_sequences])
+        missing = np.array(inputs.MISSING_SEQUENCES[config.eval.missing_sequences])
+        self.missing = missing if missing.any() else None
 
     def _batches(self):
         """Row indices [b] of the slices, b <= batch_size, in patient then slice order."""
@@ -108,13 +108,9 @@ class Evaluator:
 
     def inputs(self, rows) -> np.ndarray:
         """The model inputs [b, S, S, C] float32 of the slices at `rows` [b]."""
-        image = context.stack_context(self.slices["image"], self.context[rows])
+        image = inputs.stack_context(self.slices["image"], self.context[rows])
         stats = None if self.stats is None else self.stats[rows]
-        if self.missing.any():
-            image = preprocess.drop_sequences(image, self.missing)
-            if stats is not None:  # [b, 2, 3] mean and std: the FLAIR's for the missing
-                stats = preprocess.drop_sequences(stats[:, None], self.missing)[:, 0]
-        return preprocess.normalize(image, self.normalization, stats)
+        return inputs.model_input(image, stats, self.missing, self.normalization)
 
     def predict(self, variables) -> dict:
         """Per-slice values of every slice, judged at the slice's original size.

@@ -8,7 +8,7 @@ as a Python object (slices in, probabilities and masks out). No TensorFlow.
     result.masks, result.probabilities, result.tumor_probabilities
 
 `predict` brings the slices to the model's input exactly as evaluation does, with the
-same functions (`preprocess`): each slice resized to `data.image_size`, normalised as
+same functions (`preprocess`, `inputs`): each slice resized to `data.image_size`, normalised as
 the checkpoint's `data.normalization` says ("volume" statistics over the slices passed
 together), its neighbouring slices added for a 2.5-D model; the probabilities are
 resized back to each slice's size, thresholded at 0.5 and gated by the checkpoint's
@@ -37,7 +37,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from resunet_jax import checkpointing, context, models, parallel, postprocess, preprocess
+from resunet_jax import checkpointing, inputs, models, parallel, postprocess, preprocess
 
 BACKENDS = ("jax", "onnx")  # config.inference.backend
 # The exported graph (export.py writes it, OnnxModel reads it): file name, metadata_props
@@ -457,14 +457,12 @@ class Predictor:
         size = self.config.data.image_size
         resized = np.concatenate([preprocess.resize_images(s[None], size) for s in slices])
         method = self.config.data.normalization
-        stats = None
-        if method == "volume":
-            stats = preprocess.volume_stats(preprocess.slice_moments(resized).sum(axis=0))
+        # The slices passed together are one volume, in order along its axis.
+        volume = np.zeros(len(slices))
+        stats = inputs.volume_statistics(resized, volume) if method == "volume" else None
         k = self.config.data.get("context_slices", 0)
-        if k:  # the slices in the given order are the volume's axis
-            neighbours = context.context_rows(np.zeros(len(slices)), np.arange(len(slices)), k)
-            resized = context.stack_context(resized, neighbours)
-        return preprocess.normalize(resized, method, stats)
+        image = inputs.stack_context(resized, inputs.neighbours(volume, np.arange(len(slices)), k))
+        return inputs.model_input(image, stats, normalization=method)
 
     def _probabilities(self, inputs: np.ndarray) -> tuple[np.ndarray, ...]:
         """The model call (one method, so a test can stand in for the model).

@@ -13,7 +13,7 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from resunet_jax import context, preprocess
+from resunet_jax import inputs, preprocess
 from resunet_jax.data import tfds_lgg
 
 
@@ -22,37 +22,24 @@ def _select_patients(dataset: tf.data.Dataset, patient_ids) -> tf.data.Dataset:
     return dataset.filter(lambda ex: tf.reduce_any(tf.equal(ex["patient_id"], wanted)))
 
 
-def _add_volume_stats(ds: tf.data.Dataset, patient_ids) -> tf.data.Dataset:
-    """Adds each example's patient's `volume_stats` as "norm" [2, 3].
-
-    One pass over `ds` (resized slices, as prediction computes them) sums every
-    patient's moments.
-    """
-    wanted = tf.constant(sorted(patient_ids))
-
-    def index(ex):
-        return tf.argmax(tf.cast(tf.equal(wanted, ex["patient_id"]), tf.int32))
-
-    sums = np.zeros([len(patient_ids), 3, 3])
-    for i, image in ds.map(lambda ex: (index(ex), ex["image"])).as_numpy_iterator():
-        sums[i] += preprocess.slice_moments(image)
-    table = tf.constant(np.stack([preprocess.volume_stats(m) for m in sums]))
-    return ds.map(lambda ex: dict(ex, norm=tf.gather(table, index(ex))))
-
-
-def add_context(ds: tf.data.Dataset, k: int) -> tf.data.Dataset:
-    """2.5-D input: each "image" [S, S, 3] becomes [S, S, 3(2k + 1)] (the layout of
-    `context.stack_context`).
+def add_context_and_stats(ds: tf.data.Dataset, k: int, volume_stats: bool) -> tf.data.Dataset:
+    """Each "image" [S, S, 3] with its 2.5-D context, [S, S, 3(2k + 1)], and for "volume"
+    normalisation its patient's statistics as "norm" [2, 3], both by `inputs`' functions.
 
     One pass over `ds` (cached, in a fixed order, with "patient_id" and "slice_index")
-    reads every slice; each element then gathers its neighbours (`context.context_rows`)
-    by its position in that order.
+    reads every slice; each element then takes its neighbours (`inputs.neighbours`,
+    `inputs.stack_context`) and statistics (`inputs.volume_statistics`) by its position
+    in that order.
 
     Args:
         ds: resized examples, the same order on every pass.
-        k: `data.context_slices`; 0 returns `ds` unchanged.
+        k: `data.context_slices`.
+        volume_stats: whether to add "norm".
+
+    Returns:
+        `ds` unchanged when neither is asked for.
     """
-    if not k:
+    if not k and not volume_stats:
         return ds
     images, patients, positions = [], [], []
     keys = ds.map(lambda ex: (ex["image"], ex["patient_id"], ex["slice_index"]))
@@ -62,12 +49,19 @@ def add_context(ds: tf.data.Dataset, k: int) -> tf.data.Dataset:
         positions.append(position)
     if not images:
         return ds
-    table = tf.constant(np.stack(images))
-    rows = tf.constant(context.context_rows(patients, positions, k))
+    images = np.stack(images)
+    rows = inputs.neighbours(patients, positions, k)
+    stats = tf.constant(inputs.volume_statistics(images, patients) if volume_stats else 0.0)
 
     def add(i, ex):
-        stack = tf.transpose(tf.gather(table, rows[i]), [1, 2, 0, 3])  # [S, S, 2k+1, 3]
-        return dict(ex, image=tf.reshape(stack, [*stack.shape[:2], -1]))
+        if k:
+            image = tf.numpy_function(
+                lambda i: inputs.stack_context(images, rows[i]), [i], tf.uint8, stateful=False
+            )
+            ex = dict(ex, image=tf.ensure_shape(image, [*images.shape[1:3], 3 * (2 * k + 1)]))
+        if volume_stats:
+            ex = dict(ex, norm=stats[i])
+        return ex
 
     return ds.enumerate().map(add, tf.data.AUTOTUNE)
 
@@ -124,9 +118,9 @@ def create_train_dataset(
     ds = ds.map(lambda ex: {k: ex[k] for k in keep})
     ds = ds.map(lambda ex: _resize_for_training(ex, config.data.image_size), tf.data.AUTOTUNE)
     ds = ds.cache()
-    if config.data.normalization == "volume":
-        ds = _add_volume_stats(ds, patient_ids)
-    ds = add_context(ds, config.data.context_slices)
+    ds = add_context_and_stats(
+        ds, config.data.context_slices, config.data.normalization == "volume"
+    )
     ds = ds.map(lambda ex: {k: v for k, v in ex.items() if k not in ("patient_id", "slice_index")})
     fraction = config.data.tumor_fraction
     if fraction is not None:

@@ -8,7 +8,8 @@ import pytest
 import tifffile
 
 from configs import tiny
-from resunet_jax import evaluate, input_pipeline, preprocess
+from resunet_jax import evaluate, input_pipeline
+from resunet_jax import inputs as model_inputs
 from resunet_jax.data import lgg, tfds_lgg
 
 
@@ -93,7 +94,7 @@ def test_volume_normalisation_standardises_each_patient_whatever_its_gain(tiny_d
     batch = next(
         input_pipeline.as_numpy(input_pipeline.create_train_dataset(builder, ids, config, 8, 0))
     )
-    train_images = preprocess.normalize(
+    train_images = model_inputs.normalize(
         batch["image"].reshape(8, 32, 32, 3), "volume", batch["norm"].reshape(8, 2, 3)
     )
     every_slice = np.concatenate(list(images.values())).reshape(-1, 32 * 32, 3)
