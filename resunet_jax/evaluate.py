@@ -159,7 +159,8 @@ class Evaluator:
         true_tumor = cols["true_area"] > 0
         if threshold is None:
             threshold = metrics.select_threshold(cols["tumor_prob"], true_tumor)
-        gated = cols["pred_mask"] & (cols["tumor_prob"] >= threshold)[:, None, None]
+        gate = postprocess.tumour_slices(cols["tumor_prob"], threshold)
+        gated = cols["pred_mask"] & gate[:, None, None]
         largest = postprocess.largest_component_per_patient(
             cols["patient_id"], cols["slice_index"], gated
         )
@@ -202,7 +203,7 @@ class Evaluator:
                 else:
                     continue
                 patients_shown.add(pid)
-                pred = (probs[i] >= 0.5) & (tumor[i] >= threshold)
+                pred = postprocess.decide(probs[i : i + 1], tumor[i : i + 1], threshold)[0]
                 shown.append(
                     (
                         self.slices["image"][row],

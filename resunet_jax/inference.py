@@ -510,8 +510,7 @@ class Predictor:
         heights, widths = zip(*(s.shape[:2] for s in slices), strict=True)
         probabilities = postprocess.probabilities_at_original_size(small, heights, widths)
         uncertainty = postprocess.probabilities_at_original_size(small_std, heights, widths)
-        masks = probabilities >= 0.5
-        masks &= (tumor >= self.threshold)[:, None, None]  # called tumour-free: empty
+        masks = postprocess.decide(probabilities, tumor, self.threshold)
         if self.postprocess == "largest_component":  # as evaluation: after the gate
             masks = postprocess.largest_component_3d(masks)
         return Prediction(probabilities, masks, tumor, uncertainty)

@@ -10,6 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 from scipy import stats
 
+from resunet_jax import postprocess
+
 
 def slice_counts(pred_masks, true_masks):
     """Per-slice overlap counts.
@@ -105,7 +107,7 @@ def select_threshold(tumor_prob, true_tumor) -> float:
     """
     candidates = np.round(np.arange(0.05, 0.96, 0.05), 2)
     prob, truth = np.asarray(tumor_prob), np.asarray(true_tumor, bool)
-    accuracy = np.array([np.mean((prob >= t) == truth) for t in candidates])
+    accuracy = np.array([np.mean(postprocess.tumour_slices(prob, t) == truth) for t in candidates])
     best = np.flatnonzero(accuracy == accuracy.max())
     return float(candidates[best[np.argmin(np.abs(candidates[best] - 0.5))]])
 
@@ -125,7 +127,7 @@ def summarize(patient_ids, counts, tumor_prob, threshold: float = 0.5) -> tuple[
         plus AUC and per-patient detection; `patients` is `per_patient(...)`.
     """
     tumor_prob = np.asarray(tumor_prob, np.float64)
-    pred_tumor = tumor_prob >= threshold
+    pred_tumor = postprocess.tumour_slices(tumor_prob, threshold)
     counts = gate(counts, pred_tumor)
     true_tumor = np.asarray(counts["true_area"]) > 0
     patients = per_patient(patient_ids, dict(counts, pred_tumor=pred_tumor))

@@ -1,10 +1,41 @@
-"""From model outputs to masks: back to each slice's own size, 3D post-processing."""
+"""From model outputs to masks: the decision (`decide`), back to each slice's own size,
+3D post-processing."""
 
 import jax
 import numpy as np
 from scipy import ndimage
 
 METHODS = ("none", "largest_component")  # config.eval.postprocess
+PIXEL_THRESHOLD = 0.5  # a pixel is tumour at this probability or above
+
+
+def tumour_slices(tumor_prob, threshold: float) -> np.ndarray:
+    """The slice gate: which slices the model calls tumour.
+
+    Args:
+        tumor_prob: [N] slice tumour probabilities.
+        threshold: the model's detection threshold (chosen on its validation patients).
+
+    Returns:
+        [N] bool; a slice called tumour-free gets an empty mask.
+    """
+    return np.asarray(tumor_prob) >= threshold
+
+
+def decide(pixel_prob, tumor_prob, threshold: float) -> np.ndarray:
+    """The predicted masks: pixels at `PIXEL_THRESHOLD` or above on slices past the gate.
+
+    Args:
+        pixel_prob: [N, H, W] pixel tumour probabilities.
+        tumor_prob: [N] slice tumour probabilities.
+        threshold: the detection threshold (`tumour_slices`).
+
+    Returns:
+        [N, H, W] bool.
+    """
+    return (np.asarray(pixel_prob) >= PIXEL_THRESHOLD) & tumour_slices(tumor_prob, threshold)[
+        :, None, None
+    ]
 
 
 def probabilities_at_original_size(prob_maps, heights, widths):
@@ -37,10 +68,11 @@ def probabilities_at_original_size(prob_maps, heights, widths):
     return out
 
 
-def masks_at_original_size(prob_maps, heights, widths, threshold: float = 0.5):
+def masks_at_original_size(prob_maps, heights, widths):
     """`probabilities_at_original_size` thresholded: [N, max(heights), max(widths)] bool,
-    probability >= `threshold`, False beyond each slice's h x w."""
-    return probabilities_at_original_size(prob_maps, heights, widths) >= threshold
+    probability >= `PIXEL_THRESHOLD` (before the slice gate), False beyond each slice's
+    h x w."""
+    return probabilities_at_original_size(prob_maps, heights, widths) >= PIXEL_THRESHOLD
 
 
 def largest_component_3d(volume):

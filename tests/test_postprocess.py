@@ -44,4 +44,11 @@ def test_masks_at_original_size_resize_threshold_and_pad():
     expected[0, :2, :2] = True  # bilinear: 1, 0.75 and 0.5625 >= 0.5; the rest <= 0.25
     expected[1, :3, :5] = True  # below and right of each slice: padding
     np.testing.assert_array_equal(out, expected)
-    assert not postprocess.masks_at_original_size(probs, [4, 3], [4, 5], threshold=0.8)[1].any()
+
+
+def test_decide_thresholds_pixels_on_the_slices_past_the_gate():
+    pixel = np.array([[[0.5, 0.49]], [[0.9, 0.1]], [[0.6, 0.7]]], np.float32)  # [3, 1, 2]
+    tumor = np.array([0.3, 0.29, 0.8])
+    np.testing.assert_array_equal(postprocess.tumour_slices(tumor, 0.3), [True, False, True])
+    masks = postprocess.decide(pixel, tumor, 0.3)
+    np.testing.assert_array_equal(masks, [[[True, False]], [[False, False]], [[True, True]]])
