@@ -33,14 +33,11 @@ The states of a workdir when training starts (`Checkpointer.restore_latest`):
 
 import contextlib
 import errno
-import fcntl
 import functools
 import json
 import logging as logging_lib
 import os
-import socket
 import sys
-import time
 
 import jax
 import ml_collections
@@ -54,7 +51,6 @@ from jax.experimental import multihost_utils
 from resunet_jax.errors import CheckpointError  # also importable from here
 
 LATEST_DIR = "checkpoints"
-LOCK_FILE = "train.lock"
 DAMAGED_SUFFIX = ".damaged"
 # The validation figure that ranks checkpoints (orbax's `metrics` item of a step).
 BEST_METRIC = "dice_per_volume_mean"
@@ -291,76 +287,6 @@ def _os_error(error: BaseException) -> str | None:
         if message in text:
             return message
     return None
-
-
-def check_writable(folder: str):
-    """Fails at once, naming `folder`, if files cannot be written there (read-only,
-    permissions, no space left), before any expensive work whose results need it.
-
-    Creates `folder` if needed.
-
-    Raises:
-        CheckpointError: the folder cannot be created or written.
-    """
-    probe = os.path.join(folder, f".write_test_{os.getpid()}")
-    try:
-        os.makedirs(folder, exist_ok=True)
-        with open(probe, "wb") as f:
-            f.write(b"\0" * 4096)
-            f.flush()
-            os.fsync(f.fileno())
-    except OSError as e:
-        raise CheckpointError(f"{folder}: cannot write there ({e.strerror})") from e
-    finally:
-        with contextlib.suppress(OSError):
-            os.remove(probe)
-
-
-@contextlib.contextmanager
-def workdir_lock(workdir: str):
-    """Holds `workdir` for one training run; a second one started there stops at once.
-
-    Two runs in one workdir would write the same checkpoint steps over each other. The
-    lock is an flock on `workdir/train.lock`, which the kernel releases when its process
-    ends however it ends (kill -9 included), so no stale lock is ever left to clear; the
-    file names the holder for the error. Where the file system has no flock (some Lustre
-    mounts) the run goes on with a warning. Multi-host: process 0 locks for all.
-
-    Raises:
-        CheckpointError: another process holds the lock, or `workdir` cannot be written.
-    """
-    holder, lock = None, None
-    if jax.process_index() == 0:
-        check_writable(workdir)
-        path = os.path.join(workdir, LOCK_FILE)
-        lock = open(path, "a+")  # noqa: SIM115 (held until the run ends)
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            lock.seek(0)
-            holder = lock.read().strip() or "holder unknown"
-        except OSError as e:
-            logging.warning("Cannot lock %s (%s): nothing stops a second run here", path, e)
-        else:
-            lock.truncate(0)
-            lock.write(
-                f"pid {os.getpid()} on {socket.gethostname()}, "
-                f"since {time.strftime('%Y-%m-%d %H:%M:%S %Z')}\n"
-            )
-            lock.flush()
-    if jax.process_count() > 1:
-        busy = multihost_utils.broadcast_one_to_all(np.int32(holder is not None))
-        holder = holder or ("see process 0's log" if busy else None)
-    try:
-        if holder is not None:
-            raise CheckpointError(
-                f"{os.path.abspath(workdir)} is in use by another training run ({holder}); "
-                "wait for it, stop it (SIGTERM saves its step) or pass another --workdir"
-            )
-        yield
-    finally:
-        if lock is not None:
-            lock.close()
 
 
 def check_compatible(saved: dict, expected: dict, step: int):

@@ -16,7 +16,6 @@ import collections
 import csv
 import json
 import os
-import time
 
 import jax
 import numpy as np
@@ -32,6 +31,7 @@ from resunet_jax import (
     visualize,
 )
 from resunet_jax.data import arrays, sources
+from resunet_jax.workdir import atomic_write, check_writable, keep_earlier
 
 # Figures reported for each post-processing variant.
 COMPARED_METRICS = (
@@ -218,25 +218,6 @@ class Evaluator:
         return visualize.results_grid(images, true_masks, pred_masks, titles)
 
 
-def keep_earlier(folder: str, report: str):
-    """Moves an earlier run's output `folder` aside, if it holds `report`.
-
-    The folder becomes `<folder>_<YYYYmmdd-HHMMSS>`, the time `report` was written, so a
-    new evaluation or prediction never overwrites nor mixes with an earlier one; the log
-    says where it went.
-    """
-    earlier = os.path.join(folder, report)
-    if not os.path.exists(earlier):
-        return
-    stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(os.path.getmtime(earlier)))
-    kept, n = f"{folder}_{stamp}", 1
-    while os.path.exists(kept):
-        n += 1
-        kept = f"{folder}_{stamp}_{n}"
-    os.rename(folder, kept)
-    logging.info("Kept the earlier %s in %s", os.path.basename(folder), kept)
-
-
 def write_report(
     eval_dir: str,
     summary: dict,
@@ -249,27 +230,18 @@ def write_report(
 
     An earlier report in `eval_dir` (say, training's final evaluation before a
     re-evaluation with another checkpoint, split or setting) is first moved aside (see
-    `keep_earlier`), never overwritten. Files are written to a temporary name and
-    renamed, so a crash never leaves a half-written file under a report's name.
+    `workdir.keep_earlier`), never overwritten; files are written whole
+    (`workdir.atomic_write`).
     """
     keep_earlier(eval_dir, "metrics.json")
     os.makedirs(eval_dir, exist_ok=True)
-
-    def replace(name, write):
-        path = os.path.join(eval_dir, name)
-        with open(path + ".tmp", "w", newline="") as f:
-            write(f)
-        os.replace(path + ".tmp", path)
-
-    replace("metrics.json", lambda f: json.dump(summary, f, indent=2))
-
-    def write_csv(f):
+    with atomic_write(os.path.join(eval_dir, "metrics.json")) as f:
+        json.dump(summary, f, indent=2)
+    with atomic_write(os.path.join(eval_dir, "per_patient.csv"), newline="") as f:
         writer = csv.DictWriter(f, fields, extrasaction="ignore")
         writer.writeheader()
         for pid, row in patients.items():
             writer.writerow(dict(row, patient_id=pid))
-
-    replace("per_patient.csv", write_csv)
     visualize.per_patient_dice_figure(patients, os.path.join(eval_dir, "per_patient_dice.png"))
     if grid is not None:
         visualize.save_png(grid, os.path.join(eval_dir, "results_grid.png"))
@@ -332,7 +304,7 @@ def evaluate_checkpoint(config, workdir: str, source: sources.Source | None = No
         The metrics written to metrics.json.
     """
     if jax.process_index() == 0:  # before the evaluation, not after it
-        checkpointing.check_writable(workdir)
+        check_writable(workdir)
     path = config.checkpoint or workdir
     variables, meta = inference.restore(path, config.inference.backend)
     config = checkpointing.checkpoint_config(source.config if source else config, meta)
@@ -408,7 +380,7 @@ def cross_validate(config, workdir: str) -> dict:
             split).
     """
     if jax.process_index() == 0:
-        checkpointing.check_writable(workdir)
+        check_writable(workdir)
     backend = config.inference.backend
     paths = inference.model_paths(config.checkpoint or workdir, backend)
     if len(paths) < 2:

@@ -28,6 +28,7 @@ import jax.numpy as jnp
 from absl import logging
 
 from resunet_jax import checkpointing, inference, models
+from resunet_jax.workdir import atomic_write
 
 CHANNELS = ("pre-contrast", "FLAIR", "post-contrast")
 NORMALIZATION = {
@@ -122,9 +123,9 @@ def write_onnx(variables: dict, meta: dict, path: str):
         proto, {inference.META_KEY: json.dumps(meta), inference.CARD_KEY: json.dumps(card)}
     )
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    onnx.save(proto, path + ".tmp")
-    os.replace(path + ".tmp", path)
-    with open(path[: -len(".onnx")] + ".json", "w") as f:
+    with atomic_write(path, "wb") as f:
+        onnx.save(proto, f)
+    with atomic_write(path[: -len(".onnx")] + ".json") as f:
         json.dump({"model_card": card, "meta": meta}, f, indent=2)
 
 

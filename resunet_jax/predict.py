@@ -49,8 +49,9 @@ import tifffile
 from absl import logging
 from jax.experimental import multihost_utils
 
-from resunet_jax import checkpointing, evaluate, inference, postprocess, visualize
+from resunet_jax import inference, postprocess, visualize
 from resunet_jax.data import lgg, volumes
+from resunet_jax.workdir import atomic_write, check_writable, keep_earlier
 
 CSV_NAME = "predictions.csv"
 CSV_FIELDS = (
@@ -300,11 +301,10 @@ def _predict_volume(predictor, source, out_dir, save, rows, patients):
 
 
 def _write_csv(path, fields, rows):
-    with open(path + ".tmp", "w", newline="") as f:
+    with atomic_write(path, newline="") as f:
         writer = csv.DictWriter(f, fields)
         writer.writeheader()
         writer.writerows(rows)
-    os.replace(path + ".tmp", path)
 
 
 def predict(config, workdir: str) -> list[dict]:
@@ -314,13 +314,13 @@ def predict(config, workdir: str) -> list[dict]:
         The predictions.csv rows.
     """
     if jax.process_index() == 0:  # before any prediction, not after them
-        checkpointing.check_writable(workdir)
+        check_writable(workdir)
     predictor = inference.Predictor.from_checkpoint(config.checkpoint or workdir, config)
     root = config.predict.input
     inputs = find_inputs(root)
     out_dir = os.path.join(workdir, "predict")
     if jax.process_index() == 0:
-        evaluate.keep_earlier(out_dir, CSV_NAME)
+        keep_earlier(out_dir, CSV_NAME)
     if jax.process_count() > 1:  # every process writes the same files: none before the move
         multihost_utils.sync_global_devices("resunet_jax earlier predictions kept")
     os.makedirs(out_dir, exist_ok=True)
@@ -343,9 +343,8 @@ def predict(config, workdir: str) -> list[dict]:
     _write_csv(os.path.join(out_dir, CSV_NAME), CSV_FIELDS, rows)
     _write_csv(os.path.join(out_dir, PATIENTS_NAME), PATIENT_FIELDS, patients)
     json_path = os.path.join(out_dir, PATIENTS_NAME.replace(".csv", ".json"))
-    with open(json_path + ".tmp", "w") as f:
+    with atomic_write(json_path) as f:
         json.dump(patients, f, indent=2)
-    os.replace(json_path + ".tmp", json_path)
     failed = sum(1 for r in rows if r["error"])
     logging.info(
         "Predicted %d inputs (%d with tumour, %d failed) of %d patients into %s",

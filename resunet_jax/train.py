@@ -36,6 +36,7 @@ from resunet_jax import (
     summaries,
 )
 from resunet_jax.data import arrays, sources
+from resunet_jax.workdir import workdir_lock
 
 
 class TrainState(train_state.TrainState):
@@ -346,7 +347,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """
     # The lock comes first: a second run started alongside must stop before it writes
     # anything (the synthetic data, prepared data, a summary file).
-    with checkpointing.workdir_lock(workdir):
+    with workdir_lock(workdir):
         source = sources.open_source(config, workdir, tfds=config.data.pipeline == "tfdata")
         return _train_and_evaluate(source.config, workdir, source)
 

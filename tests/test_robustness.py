@@ -18,6 +18,7 @@ import tifffile
 from configs import tiny
 from resunet_jax import checkpointing, train
 from resunet_jax.data import arrays, lgg, sources, synthetic, tfds_lgg
+from resunet_jax.workdir import LOCK_FILE
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -79,7 +80,7 @@ def test_a_second_run_in_the_workdir_is_refused_and_sigterm_saves_the_step(tmp_p
     proc, log_path = _start_in_background(workdir)
     # The lock is the first thing a run takes: a second start in the fresh workdir, while
     # the first is still writing its synthetic data, is refused before it writes.
-    lock = os.path.join(workdir, checkpointing.LOCK_FILE)
+    lock = os.path.join(workdir, LOCK_FILE)
     while not (os.path.exists(lock) and os.path.getsize(lock)):
         assert proc.poll() is None
         time.sleep(0.05)

@@ -16,6 +16,7 @@ from jax.experimental import multihost_utils
 
 from resunet_jax import preprocess
 from resunet_jax.data import lgg
+from resunet_jax.workdir import atomic_write
 
 # What each patient's cache file holds, and what `load` returns (plus "patient_id").
 KEYS = ("image", "mask", "original_mask", "orig_height", "orig_width", "slice_index")
@@ -99,11 +100,8 @@ def _write_missing(data_dir, slices, patient_ids, image_size, folder):
         arrays = _resize_patient(pairs, image_size)
         arrays["slice_index"] = np.array([s.index for s in by_patient[pid]], np.int32)
         path = _path(folder, pid)
-        # Written under a temporary name and renamed: a killed run leaves no partial file.
-        tmp = f"{path}.{os.getpid()}.tmp"
-        with open(tmp, "wb") as f:
+        with atomic_write(path, "wb") as f:  # a killed run leaves no partial file
             np.savez_compressed(f, **arrays)
-        os.replace(tmp, path)
 
 
 def _resize_patient(pairs: list, image_size: int) -> dict:
