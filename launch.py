@@ -12,7 +12,7 @@ from absl import app, flags, logging
 from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
-from resunet_jax import config_checks, errors, evaluate, export, predict, train
+from resunet_jax import config_schema, errors, evaluate, export, predict, train
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config file (ml_collections).")
@@ -20,7 +20,7 @@ flags.DEFINE_string("workdir", None, "Run directory: checkpoints, logs, reports.
 flags.DEFINE_enum(
     "mode",
     "train",
-    list(config_checks.MODES),
+    list(config_schema.MODES),
     "train (resumes by itself), eval (restores the best checkpoint, writes WORKDIR/eval/), "
     "predict (--config.predict.input=PATH -> WORKDIR/predict/), export (the checkpoint "
     "as ONNX -> WORKDIR/export/model.onnx) or cv (the runs of k folds in --config.checkpoint, "
@@ -40,7 +40,8 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     logging.get_absl_handler().addFilter(_QuietOrbax())
-    config = FLAGS.config
+    # Defaults are resolved once: the config validated is the config that runs.
+    config = config_schema.resolve_defaults(FLAGS.config)
     if config.distributed.enabled:
         dist = config.distributed
         jax.distributed.initialize(
@@ -60,7 +61,7 @@ def main(argv):
     }[FLAGS.mode]
     try:
         # Before anything is written: a bad value costs one line, not a run.
-        config_checks.validate(config, FLAGS.mode)
+        config_schema.validate(config, FLAGS.mode)
         run(config, FLAGS.workdir)
     except errors.UserError as e:
         # Bad data, checkpoints or settings: one clear message, no traceback (see it

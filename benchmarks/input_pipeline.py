@@ -42,7 +42,7 @@ def main():
     with tempfile.TemporaryDirectory() as workdir:
         source = sources.open_source(config, workdir, tfds=True)
         ds = input_pipeline.create_train_dataset(
-            source.builder, source.train_ids, source.config, args.batch, seed=0
+            source.builder, source.train_ids, config, args.batch, seed=0
         )
         batches = input_pipeline.as_numpy(ds)
         warmup = -(-len(source.train_ids) * 40 // args.batch)  # fills the cache

@@ -64,7 +64,7 @@ def main():
     import jax
 
     from configs import resunet
-    from resunet_jax import checkpointing, export, inference, models, parallel, train
+    from resunet_jax import config_schema, export, inference, models, parallel, train
 
     config = resunet.get_config()
     config.model.dtype = args.dtype
@@ -116,7 +116,7 @@ def main():
                 result[f"{name}_images_per_s"] = round(args.batch / median, 2)
             print(json.dumps(result), flush=True)
         if "onnx" in backends:
-            meta = {"step": 0, "config": checkpointing.config_json(config)}
+            meta = {"step": 0, "config": config_schema.config_json(config)}
             with tempfile.TemporaryDirectory() as tmp:
                 export.write_onnx(variables, meta, os.path.join(tmp, "model.onnx"))
                 onnx_model = inference.OnnxModel(os.path.join(tmp, "model.onnx"), args.threads)

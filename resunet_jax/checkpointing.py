@@ -40,7 +40,6 @@ import os
 import sys
 
 import jax
-import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
@@ -48,7 +47,8 @@ from etils import epath
 from flax import traverse_util
 from jax.experimental import multihost_utils
 
-from resunet_jax.errors import CheckpointError  # also importable from here
+from resunet_jax import config_schema
+from resunet_jax.errors import CheckpointError
 
 LATEST_DIR = "checkpoints"
 DAMAGED_SUFFIX = ".damaged"
@@ -391,7 +391,7 @@ def join_no_contrast_expert(complete: str, no_contrast: str) -> tuple[dict, dict
         check_compatible(v_expert, v_complete, int(m_expert["step"]))
     except CheckpointError as e:
         raise CheckpointError(f"{no_contrast} is not the architecture of {complete}: {e}") from e
-    differ = input_differences(m_complete, m_expert)
+    differ = config_schema.input_differences(m_complete, m_expert)
     if differ:
         raise CheckpointError(
             f"{complete} and {no_contrast} read different inputs ({'; '.join(differ)})"
@@ -485,71 +485,3 @@ def restore_model(path: str) -> tuple[dict, dict]:
         logging.info("Restored model from %s step %d", directory, step)
         return dict(restored["model"]), dict(restored["meta"])
     raise CheckpointError(f"{path}: no readable checkpoint found")
-
-
-def config_json(config) -> dict:
-    """The run config as a JSON-compatible dict (stored in every checkpoint's meta)."""
-    return json.loads(config.to_json())
-
-
-# Config fields that define what a checkpoint's model expects; evaluation takes them
-# from the checkpoint, not from the command line (`checkpoint_config`).
-MODEL_FIELDS = (
-    "model.stem_features",
-    "model.features",
-    "model.bottleneck_features",
-    "model.dtype",
-    "model.detection_head",
-    "model.deep_supervision",
-    "model.no_contrast_expert",
-    "data.image_size",
-    "data.normalization",
-    "data.context_slices",
-)
-
-
-# The MODEL_FIELDS that define what a model reads: models joined into one, or predicting
-# together as an ensemble, must agree on them.
-INPUT_FIELDS = ("data.image_size", "data.normalization", "data.context_slices")
-
-
-def _field(config: dict, field: str):
-    for part in field.split("."):
-        config = config[part]
-    return config
-
-
-def input_differences(meta_a: dict, meta_b: dict) -> list[str]:
-    """The INPUT_FIELDS two checkpoints' configs disagree on, as "field: a vs b" lines."""
-    a, b = meta_a["config"], meta_b["config"]
-    return [
-        f"{f}: {_field(a, f)!r} vs {_field(b, f)!r}"
-        for f in INPUT_FIELDS
-        if plain(_field(a, f)) != plain(_field(b, f))
-    ]
-
-
-def checkpoint_config(config: ml_collections.ConfigDict, meta: dict):
-    """`config` with the model-defining fields (MODEL_FIELDS) of the checkpoint's config."""
-    saved = ml_collections.ConfigDict(meta["config"])
-    config = config.copy_and_resolve_references()
-    with config.unlocked():
-        for field in MODEL_FIELDS:
-            *parents, leaf = field.split(".")
-            dst, src = config, saved
-            for p in parents:
-                dst, src = dst[p], src[p]
-            wanted, saved_value = plain(dst[leaf]), plain(src[leaf])
-            if wanted is not None and wanted != saved_value:
-                logging.warning(
-                    "Using the checkpoint's %s=%s (the config had %s)", field, saved_value, wanted
-                )
-            dst[leaf] = src[leaf]
-    return config
-
-
-def plain(value):
-    """A config value as JSON types, so tuples and lists compare equal."""
-    if isinstance(value, ml_collections.ConfigDict):
-        value = value.to_dict()
-    return json.loads(json.dumps(value))

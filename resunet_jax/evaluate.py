@@ -22,7 +22,7 @@ import numpy as np
 from absl import logging
 
 from resunet_jax import (
-    checkpointing,
+    config_schema,
     errors,
     inference,
     inputs,
@@ -247,7 +247,7 @@ def write_report(
         visualize.save_png(grid, os.path.join(eval_dir, "results_grid.png"))
 
 
-def patients_to_evaluate(source: sources.Source, train_patients) -> tuple[list, list]:
+def patients_to_evaluate(source: sources.Source, train_patients, split: str) -> tuple[list, list]:
     """The patients an evaluation scores, judged against the checkpoint's training set.
 
     A checkpoint lists the patients it was trained on (`meta["train_patients"]`), so
@@ -259,6 +259,7 @@ def patients_to_evaluate(source: sources.Source, train_patients) -> tuple[list, 
     Args:
         source: the opened data source.
         train_patients: the checkpoint's training patient ids.
+        split: `eval.split`.
 
     Returns:
         (patient ids to score, the ones among them the checkpoint trained on).
@@ -268,7 +269,7 @@ def patients_to_evaluate(source: sources.Source, train_patients) -> tuple[list, 
             `data.dir`, so no figure would measure anything but fitting.
     """
     trained = set(train_patients)
-    if source.config.eval.split == "all":
+    if split == "all":
         ids = source.patient_ids
     else:
         ids = sorted(set(source.patient_ids) - trained)
@@ -307,11 +308,11 @@ def evaluate_checkpoint(config, workdir: str, source: sources.Source | None = No
         check_writable(workdir)
     path = config.checkpoint or workdir
     variables, meta = inference.restore(path, config.inference.backend)
-    config = checkpointing.checkpoint_config(source.config if source else config, meta)
+    config = config_schema.checkpoint_config(config, meta)
     # With the list of training patients the k-fold split is not needed, so a folder
     # of fewer patients than data.num_folds (a user's own two, say) can be scored.
     source = source or sources.open_source(config, workdir, split=False)
-    patient_ids, seen = patients_to_evaluate(source, meta["train_patients"])
+    patient_ids, seen = patients_to_evaluate(source, meta["train_patients"], config.eval.split)
     evaluator = Evaluator(source, config, patient_ids)
     # The detection threshold chosen on the validation patients during training (an
     # ensemble's: the mean of its members').
@@ -392,9 +393,9 @@ def cross_validate(config, workdir: str) -> dict:
     source, folds, patients, fold_of = None, [], {}, {}
     for fold, path in enumerate(paths):
         model, meta = inference.restore(path, backend)
-        fold_config = checkpointing.checkpoint_config(config, meta)
+        fold_config = config_schema.checkpoint_config(config, meta)
         source = source or sources.open_source(fold_config, workdir, split=False)
-        patient_ids, _ = patients_to_evaluate(source, meta["train_patients"])
+        patient_ids, _ = patients_to_evaluate(source, meta["train_patients"], config.eval.split)
         for pid in patient_ids:
             if pid in fold_of:
                 raise errors.CheckpointError(

@@ -93,7 +93,7 @@ def export(config, workdir: str) -> str:
         The path written.
 
     Raises:
-        checkpointing.CheckpointError: no checkpoint at the path.
+        errors.CheckpointError: no checkpoint at the path.
     """
     path = config.checkpoint or workdir
     out = config.export.path or os.path.join(workdir, "export", inference.ONNX_NAME)

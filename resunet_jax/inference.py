@@ -37,9 +37,17 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from resunet_jax import checkpointing, inputs, models, parallel, postprocess, preprocess
+from resunet_jax import (
+    checkpointing,
+    config_schema,
+    errors,
+    inputs,
+    models,
+    parallel,
+    postprocess,
+    preprocess,
+)
 
-BACKENDS = ("jax", "onnx")  # config.inference.backend
 # The exported graph (export.py writes it, OnnxModel reads it): file name, metadata_props
 # keys, input and output names.
 ONNX_NAME = "model.onnx"
@@ -83,7 +91,7 @@ def find_onnx(path: str) -> str:
     (pretrained/resunet_lgg), or a workdir holding export/model.onnx.
 
     Raises:
-        checkpointing.CheckpointError: none of these.
+        errors.CheckpointError: none of these.
     """
     candidates = [os.path.join(path, ONNX_NAME), os.path.join(path, "export", ONNX_NAME)]
     if path.endswith(".onnx"):
@@ -91,7 +99,7 @@ def find_onnx(path: str) -> str:
     for candidate in candidates:
         if os.path.isfile(candidate):
             return candidate
-    raise checkpointing.CheckpointError(
+    raise errors.CheckpointError(
         f"{path}: no ONNX model (looked for {' and '.join(candidates)}); write one with "
         "--mode=export, or use --config.inference.backend=jax"
     )
@@ -134,7 +142,7 @@ class OnnxModel:
         self.session = ort.InferenceSession(path, options, providers=providers)
         props = self.session.get_modelmeta().custom_metadata_map
         if META_KEY not in props:
-            raise checkpointing.CheckpointError(
+            raise errors.CheckpointError(
                 f"{path}: not exported by resunet_jax (no {META_KEY} in its metadata)"
             )
         self.meta = json.loads(props[META_KEY])
@@ -166,7 +174,7 @@ def _is_model(path: str, backend: str) -> bool:
         return checkpointing.holds_checkpoint(path)
     try:
         find_onnx(path)
-    except checkpointing.CheckpointError:
+    except errors.CheckpointError:
         return False
     return True
 
@@ -219,7 +227,7 @@ class Ensemble:
     gives the standard deviation across them as the pixel uncertainty.
 
     Attributes:
-        members: the models; they read the same input (`checkpointing.INPUT_FIELDS`).
+        members: the models; they read the same input (`config_schema.INPUT_FIELDS`).
     """
 
     members: tuple[Member, ...]
@@ -285,7 +293,7 @@ def restore(path: str, backend: str = "jax"):
         what `batch_probabilities`' call takes in place of the JAX variables.
 
     Raises:
-        checkpointing.CheckpointError: a model cannot be restored, or two members read
+        errors.CheckpointError: a model cannot be restored, or two members read
             different inputs (the message names both and the field).
     """
     paths = model_paths(path, backend)
@@ -294,11 +302,11 @@ def restore(path: str, backend: str = "jax"):
     members = tuple(Member(p, *_restore_one(p, backend)) for p in paths)
     first = members[0]
     for member in members[1:]:
-        differ = checkpointing.input_differences(first.meta, member.meta)
+        differ = config_schema.input_differences(first.meta, member.meta)
         if differ:
-            raise checkpointing.CheckpointError(
+            raise errors.CheckpointError(
                 f"{first.path} and {member.path} read different inputs ({'; '.join(differ)}); "
-                f"the members of an ensemble must agree on {', '.join(checkpointing.INPUT_FIELDS)}"
+                f"the members of an ensemble must agree on {', '.join(config_schema.INPUT_FIELDS)}"
             )
     ensemble = Ensemble(members)
     logging.info("Predicting with an ensemble of %d models: %s", len(members), ", ".join(paths))
@@ -349,7 +357,7 @@ def batch_probabilities(config: ml_collections.ConfigDict) -> Callable:
     def view(model, model_config, images):
         if isinstance(model, OnnxModel):
             return model(images)
-        key = json.dumps(checkpointing.plain(model_config), sort_keys=True)
+        key = json.dumps(config_schema.plain(model_config), sort_keys=True)
         if key not in steps:
             steps[key] = pmapped_predict_step(models.create_model(model_config))
         padded, n = parallel.pad_batch({"image": images}, batch_size)
@@ -433,14 +441,14 @@ class Predictor:
                 `model.onnx` (`find_onnx`); several, comma-separated or a folder of runs,
                 predict as an `Ensemble`.
             config: run config for the evaluation settings (`eval.*`); the model-defining
-                fields always come from the checkpoint (`checkpointing.checkpoint_config`).
+                fields always come from the checkpoint (`config_schema.checkpoint_config`).
                 None: the checkpoint's own config.
             backend: "jax" or "onnx" (ONNX Runtime); "" = `config.inference.backend`, or
                 "jax" without a config.
         """
         backend = backend or (config.inference.backend if config is not None else "jax")
         model, meta = restore(path, backend)
-        config = checkpointing.checkpoint_config(
+        config = config_schema.checkpoint_config(
             config or ml_collections.ConfigDict(meta["config"]), meta
         )
         return cls(model, config, _threshold(meta))

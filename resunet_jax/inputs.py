@@ -56,9 +56,6 @@ def stack_context(images, rows):
     return stack.reshape(*stack.shape[:-2], -1)
 
 
-NORMALIZATIONS = ("scale", "slice", "volume")  # config.data.normalization
-
-
 def _xp(x):
     return np if isinstance(x, np.ndarray) else jnp
 
@@ -94,7 +91,7 @@ def normalize(image, method: str = "scale", stats=None):
         # Context slices repeat the three channels: so do their statistics.
         stats = xp.concatenate([xp.asarray(stats, xp.float32)] * (image.shape[-1] // 3), -1)
         return (image - stats[..., 0:1, None, :]) / stats[..., 1:2, None, :]
-    raise ValueError(f"unknown normalization {method!r}; use one of {NORMALIZATIONS}")
+    raise ValueError(f"unknown normalization {method!r}; use scale, slice or volume")
 
 
 def slice_moments(image: np.ndarray) -> np.ndarray:
@@ -160,7 +157,8 @@ def volume_statistics(images: np.ndarray, patients) -> np.ndarray:
     return stats
 
 
-# `eval.missing_sequences` -> which of (pre-contrast, post-contrast) are missing.
+# `eval.missing_sequences` (config_schema.MISSING_SEQUENCES) -> which of (pre-contrast,
+# post-contrast) are missing.
 MISSING_SEQUENCES = {
     "": (False, False),
     "pre": (True, False),

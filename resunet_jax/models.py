@@ -257,9 +257,6 @@ class NoContrastRouted(nn.Module):
         return jax.tree.map(select, complete, no_contrast)
 
 
-DTYPES = ("float32", "bfloat16")  # config.model.dtype
-
-
 def input_channels(data_config) -> int:
     """Channels of the model input: three (FLAIR, pre- and post-contrast) per slice, and
     per context slice (`data.context_slices` on either side)."""

@@ -5,7 +5,6 @@ import jax
 import numpy as np
 from scipy import ndimage
 
-METHODS = ("none", "largest_component")  # config.eval.postprocess
 PIXEL_THRESHOLD = 0.5  # a pixel is tumour at this probability or above
 
 

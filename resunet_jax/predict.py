@@ -49,7 +49,7 @@ import tifffile
 from absl import logging
 from jax.experimental import multihost_utils
 
-from resunet_jax import inference, postprocess, visualize
+from resunet_jax import errors, inference, postprocess, visualize
 from resunet_jax.data import lgg, volumes
 from resunet_jax.workdir import atomic_write, check_writable, keep_earlier
 
@@ -100,11 +100,11 @@ def find_inputs(path: str) -> Inputs:
     folder of folders).
 
     Raises:
-        lgg.DataError: `path` does not exist or holds none of them.
+        errors.DataError: `path` does not exist or holds none of them.
     """
     if os.path.isfile(path):
         if volumes.is_ground_truth(path):
-            raise lgg.DataError(
+            raise errors.DataError(
                 f"{path}: a ground-truth mask, not a scan; give the scan or its folder "
                 "(masks there are skipped)"
             )
@@ -112,7 +112,7 @@ def find_inputs(path: str) -> Inputs:
             return Inputs([], volumes.group_sources([path], path))
         return Inputs([path], [])
     if not os.path.isdir(path):
-        raise lgg.DataError(f"{path}: no such file or folder")
+        raise errors.DataError(f"{path}: no such file or folder")
     found, sources, visited = [], [], set()
     # Folders of links to patient folders are common on shared storage, so links are
     # followed; each real folder is read once, which also ends any link cycle.
@@ -132,7 +132,7 @@ def find_inputs(path: str) -> Inputs:
         if any(volumes.is_dicom(os.path.join(folder, n)) for n in others):
             sources.append(folder)  # a DICOM series folder
     if not found and not sources:
-        raise lgg.DataError(f"{path}: no .tif slices, NIfTI volumes or DICOM series found")
+        raise errors.DataError(f"{path}: no .tif slices, NIfTI volumes or DICOM series found")
     return Inputs(sorted(found, key=_natural_key), volumes.group_sources(sources, path))
 
 
@@ -148,7 +148,7 @@ def load_slice(path: str) -> np.ndarray:
     uint16/int/float images are rescaled by their own range to 0..255.
 
     Raises:
-        lgg.DataError: unreadable, not an image, an unsupported shape or pixel type,
+        errors.DataError: unreadable, not an image, an unsupported shape or pixel type,
             or non-finite pixels.
     """
     image = lgg.read_tif(path)
@@ -157,7 +157,7 @@ def load_slice(path: str) -> np.ndarray:
     if image.ndim == 2:
         image = image[..., None]
     if image.ndim != 3 or image.shape[-1] not in (1, 3, 4) or min(image.shape[:2]) < 8:
-        raise lgg.DataError(
+        raise errors.DataError(
             f"{path}: not a 2-D slice (shape {image.shape}; expected [H, W], "
             "[H, W, 1|3|4] or [3, H, W], at least 8x8; save a stack one slice per file)"
         )
@@ -248,7 +248,7 @@ def _predict_folder(predictor, folder, paths, root, out_dir, save, rows, patient
     for path in paths:
         try:
             read.append((path, load_slice(path)))
-        except lgg.DataError as e:
+        except errors.DataError as e:
             logging.error("%s", e)
             rows.append(dict.fromkeys(CSV_FIELDS, "") | {"file": path, "error": str(e)})
     if not read:
@@ -267,7 +267,7 @@ def _predict_volume(predictor, source, out_dir, save, rows, patients):
     flair = source.sequences.get("flair", "")
     try:
         volume = volumes.read_volume(source)
-    except lgg.DataError as e:
+    except errors.DataError as e:
         logging.error("%s", e)
         rows.append(dict.fromkeys(CSV_FIELDS, "") | {"file": flair, "error": str(e)})
         patients.append(
@@ -355,5 +355,5 @@ def predict(config, workdir: str) -> list[dict]:
         out_dir,
     )
     if failed == len(rows):
-        raise lgg.DataError(f"{root}: none of the {len(rows)} inputs could be used")
+        raise errors.DataError(f"{root}: none of the {len(rows)} inputs could be used")
     return rows

@@ -26,6 +26,7 @@ from flax.training import train_state
 from resunet_jax import (
     augment,
     checkpointing,
+    config_schema,
     device_source,
     errors,
     evaluate,
@@ -52,11 +53,6 @@ class TrainState(train_state.TrainState):
 
     batch_stats: Any
     ema: Any
-
-
-OPTIMIZERS = ("adam", "adamw", "sgd")  # config.optimizer.name
-PIPELINES = ("tfdata", "device")  # config.data.pipeline
-SCHEDULES = ("cosine", "constant")  # config.optimizer.schedule
 
 
 def create_learning_rate_fn(config: ml_collections.ConfigDict) -> optax.Schedule:
@@ -121,7 +117,7 @@ def init_from_checkpoint(state: TrainState, path: str) -> tuple[TrainState, dict
         checkpoint's meta).
 
     Raises:
-        checkpointing.CheckpointError: the checkpoint is of a different model config.
+        errors.CheckpointError: the checkpoint is of a different model config.
     """
     variables, meta = checkpointing.restore_model(path)
     expected = {"params": state.params, "batch_stats": state.batch_stats}
@@ -302,7 +298,7 @@ def training_patients(earlier: list, this_run) -> list:
     return sorted(set(earlier) | set(this_run))
 
 
-def check_patients_left_to_validate(source, train_patients: list) -> None:
+def check_patients_left_to_validate(source, train_patients: list, split: str) -> None:
     """Fails before training when the final evaluation would have no unseen patient.
 
     A fine-tuning start point may have trained on this split's validation patients
@@ -322,7 +318,7 @@ def check_patients_left_to_validate(source, train_patients: list) -> None:
             len(source.val_ids),
             ", ".join(seen_val),
         )
-    evaluate.patients_to_evaluate(source, train_patients)  # its refusal, before training
+    evaluate.patients_to_evaluate(source, train_patients, split)  # its refusal, before training
 
 
 def _mean_metrics(history: list[dict]) -> dict:
@@ -335,21 +331,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
     Resumes from the newest checkpoint in `workdir`. The final evaluation restores the
     best checkpoint exactly as `--mode=eval` does and writes `workdir/eval/`. `config`
-    is one that `config_checks.validate(config, "train")` accepts (launch.py checks it).
+    is resolved and accepted by `config_schema.validate(config, "train")` (launch.py
+    does both).
 
     Returns:
         The final evaluation's metrics (the content of eval/metrics.json); None when
         pre-empted (SIGTERM: the step in flight is checkpointed).
 
     Raises:
-        checkpointing.CheckpointError: another run is training in `workdir`, or its
+        errors.CheckpointError: another run is training in `workdir`, or its
             checkpoints do not fit this config.
     """
     # The lock comes first: a second run started alongside must stop before it writes
     # anything (the synthetic data, prepared data, a summary file).
     with workdir_lock(workdir):
         source = sources.open_source(config, workdir, tfds=config.data.pipeline == "tfdata")
-        return _train_and_evaluate(source.config, workdir, source)
+        return _train_and_evaluate(config, workdir, source)
 
 
 def batches(source, config: ml_collections.ConfigDict, seed: int) -> Iterator:
@@ -392,13 +389,13 @@ def _train_and_evaluate(config, workdir, source):
     rng = jax.random.key(config.seed)
     state = create_train_state(rng, config, model)
     checkpointer = checkpointing.Checkpointer(workdir, keep=config.keep_checkpoints)
-    meta = {"config": checkpointing.config_json(config)}
+    meta = {"config": config_schema.config_json(config)}
     restored = checkpointer.restore_latest(jax.eval_shape(lambda: state))
     earlier_patients = []
     if restored:
         state, meta = restored
         # A step's validation belongs to that step only, not to the ones saved after it.
-        meta = dict(meta, config=checkpointing.config_json(config))
+        meta = dict(meta, config=config_schema.config_json(config))
         meta.pop("val_metrics", None)
         logging.info("Resuming from step %d", int(state.step))
         earlier_patients = meta["train_patients"]
@@ -406,7 +403,7 @@ def _train_and_evaluate(config, workdir, source):
         state, init_meta = init_from_checkpoint(state, config.init_checkpoint)
         earlier_patients = init_meta["train_patients"]
     meta["train_patients"] = training_patients(earlier_patients, source.train_ids)
-    check_patients_left_to_validate(source, meta["train_patients"])
+    check_patients_left_to_validate(source, meta["train_patients"], config.eval.split)
     start_step = int(state.step)
 
     global_batch = config.batch_size

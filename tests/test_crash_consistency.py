@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from resunet_jax import checkpointing
+from resunet_jax import checkpointing, errors
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Saves at 2, 4 (validated), 6 and 8 (validated); keep=1 makes the save of 4 delete 2.
@@ -47,7 +47,7 @@ def _readable(workdir):
     for step in _steps(workdir):
         try:
             checkpointing.restore_model(os.path.join(workdir, "checkpoints", str(step)))
-        except checkpointing.CheckpointError:
+        except errors.CheckpointError:
             continue
         readable.append(step)
     return readable

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import tifffile
 
-from resunet_jax import preprocess
+from resunet_jax import errors, preprocess
 from resunet_jax.data import arrays, lgg, tfds_lgg
 
 
@@ -43,20 +43,20 @@ def test_read_decodes_uncompressed_and_zlib(tmp_path, compression):
 def test_missing_mask_and_missing_folder_name_the_path(tmp_path):
     _write_patient(tmp_path, "P", 2)
     os.remove(tmp_path / "P" / "P_2_mask.tif")
-    with pytest.raises(lgg.DataError, match=r"P_2\.tif: image has no mask"):
+    with pytest.raises(errors.DataError, match=r"P_2\.tif: image has no mask"):
         lgg.discover(str(tmp_path))
-    with pytest.raises(lgg.DataError, match="does not exist"):
+    with pytest.raises(errors.DataError, match="does not exist"):
         lgg.discover(str(tmp_path / "nope"))
 
 
 def test_bad_mask_values_and_unreadable_files_name_the_file(tmp_path):
     path = str(tmp_path / "m.tif")
     tifffile.imwrite(path, np.full((4, 4), 7, np.uint8))
-    with pytest.raises(lgg.DataError, match=r"m\.tif: mask values"):
+    with pytest.raises(errors.DataError, match=r"m\.tif: mask values"):
         lgg.read_mask(path)
     with open(path, "wb") as f:
         f.write(b"not a tiff")
-    with pytest.raises(lgg.DataError, match=r"m\.tif: unreadable TIFF"):
+    with pytest.raises(errors.DataError, match=r"m\.tif: unreadable TIFF"):
         lgg.read_image(path)
 
 
@@ -68,7 +68,7 @@ def test_patient_split_is_deterministic_disjoint_and_covering():
     assert sorted(sum(vals, [])) == ids  # every patient validates exactly once
     for train, val in folds:
         assert not set(train) & set(val) and len(train) + len(val) == 17
-    with pytest.raises(lgg.DataError, match="too few"):
+    with pytest.raises(errors.DataError, match="too few"):
         lgg.split_patients(ids[:3], 4, 0, seed=0)
 
 
@@ -146,7 +146,7 @@ def test_arrays_name_every_unusable_file_and_cache_nothing(tmp_path):
     _write_patient(src, "Q", 2)
     (tmp_path / "src" / "P" / "P_1.tif").write_bytes(b"not a tiff")
     tifffile.imwrite(tmp_path / "src" / "Q" / "Q_2_mask.tif", np.full((16, 16), 7, np.uint8))
-    with pytest.raises(lgg.DataError, match="2 unusable file") as e:
+    with pytest.raises(errors.DataError, match="2 unusable file") as e:
         arrays.load(src, lgg.discover(src), ["P", "Q"], 8, prep)
     assert "P_1.tif: unreadable TIFF" in str(e.value)
     assert "Q_2_mask.tif: mask values" in str(e.value)

@@ -14,7 +14,7 @@ from test_predict import _export_tiny
 from configs import tiny
 from resunet_jax import (
     checkpointing,
-    config_checks,
+    config_schema,
     errors,
     evaluate,
     export,
@@ -255,7 +255,7 @@ def test_cross_validation_scores_each_run_on_its_own_fold(tiny_data, folds, tmp_
     config.checkpoint = f"{runs}/fold_0"
     with pytest.raises(errors.ConfigError, match="--mode=cv needs the runs of two folds"):
         evaluate.cross_validate(config, str(tmp_path / "work2"))
-    config_checks.validate(config, "cv")
+    config_schema.validate(config, "cv")
     config.eval.split = "all"
     with pytest.raises(errors.ConfigError, match="eval.split='all': --mode=cv scores"):
-        config_checks.validate(config, "cv")
+        config_schema.validate(config, "cv")

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from configs import resunet, tiny
-from resunet_jax import checkpointing, evaluate, inference, models, train
+from resunet_jax import config_schema, errors, evaluate, inference, models, train
 from resunet_jax.data import lgg
 
 
@@ -32,45 +32,44 @@ def test_masks_are_judged_at_the_slices_original_size(tiny_data, tmp_path):
     assert cols["true_area"].sum() > 0
 
 
-def _source(ids, split, fold_of):
+def _source(ids, fold_of):
     """A data source over `ids` as open_source splits it (5 folds, fold 0, seed 0)."""
-    config = tiny.get_config()
-    config.eval.split = split
     train_ids, val_ids = lgg.split_patients(ids, 5, 0, seed=0)
     return types.SimpleNamespace(
-        config=config, data_dir=fold_of, patient_ids=ids, train_ids=train_ids, val_ids=val_ids
+        data_dir=fold_of, patient_ids=ids, train_ids=train_ids, val_ids=val_ids
     )
 
 
 def test_evaluation_scores_only_patients_the_checkpoint_never_saw():
     shared = [f"P{i:02d}" for i in range(20)]
-    trained_on = _source(shared, "val", "shared").train_ids  # 16 patients
+    trained_on = _source(shared, "shared").train_ids  # 16 patients
     bigger = shared + [f"Q{i:02d}" for i in range(10)]  # the same folder with 10 more
 
     # The k-fold split of the bigger folder puts training patients into fold 0 ...
-    assert set(_source(bigger, "val", "big").val_ids) & set(trained_on)
+    assert set(_source(bigger, "big").val_ids) & set(trained_on)
     # ... so "val" means the patients the checkpoint never saw: its 4 + the 10 new.
-    ids, seen = evaluate.patients_to_evaluate(_source(bigger, "val", "big"), trained_on)
+    ids, seen = evaluate.patients_to_evaluate(_source(bigger, "big"), trained_on, "val")
     assert ids == sorted(set(bigger) - set(trained_on)) and len(ids) == 14
     assert seen == []
     # On the folder it was trained on, that is exactly its validation fold.
-    ids, seen = evaluate.patients_to_evaluate(_source(shared, "val", "shared"), trained_on)
-    assert ids == _source(shared, "val", "shared").val_ids and seen == []
+    ids, seen = evaluate.patients_to_evaluate(_source(shared, "shared"), trained_on, "val")
+    assert ids == _source(shared, "shared").val_ids and seen == []
     # "all" scores everyone and says who was seen in training.
-    ids, seen = evaluate.patients_to_evaluate(_source(bigger, "all", "big"), trained_on)
+    ids, seen = evaluate.patients_to_evaluate(_source(bigger, "big"), trained_on, "all")
     assert ids == bigger and seen == trained_on
     # Trained on every patient of the folder: one error naming it, nothing scored.
-    with pytest.raises(lgg.DataError, match="shared: the checkpoint was trained on every patient"):
-        evaluate.patients_to_evaluate(_source(shared, "val", "shared"), shared)
+    message = "shared: the checkpoint was trained on every patient"
+    with pytest.raises(errors.DataError, match=message):
+        evaluate.patients_to_evaluate(_source(shared, "shared"), shared, "val")
 
 
 def test_checkpoint_config_takes_every_model_field(caplog):
     config = resunet.get_config()
-    assert {f"model.{k}" for k in config.model} <= set(checkpointing.MODEL_FIELDS)
+    assert {f"model.{k}" for k in config.model} <= set(config_schema.MODEL_FIELDS)
     saved = resunet.get_config().to_dict()
     saved["model"]["features"] = [32, 64]
     with caplog.at_level("WARNING"):
-        restored = checkpointing.checkpoint_config(config, {"config": saved})
+        restored = config_schema.checkpoint_config(config, {"config": saved})
     assert tuple(restored.model.features) == (32, 64)
     # One warning: for the field that differs.
     assert [r.getMessage() for r in caplog.records if "checkpoint's" in r.getMessage()] == [

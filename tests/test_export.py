@@ -13,7 +13,7 @@ from flax import traverse_util
 from configs import tiny
 from resunet_jax import (
     checkpointing,
-    config_checks,
+    config_schema,
     errors,
     evaluate,
     export,
@@ -65,7 +65,7 @@ def _checkpoint(path, seed=0, train_patients=("a",), data=None, **model):
     variables = _perturbed({"params": state.params, "batch_stats": state.batch_stats}, seed)
     meta = {
         "step": 10 + seed,
-        "config": checkpointing.config_json(config),
+        "config": config_schema.config_json(config),
         "val_metrics": {"detection_threshold": 0.4 + seed / 10},
         "train_patients": list(train_patients),
     }
@@ -225,14 +225,14 @@ def test_onnx_backend_errors_name_the_fix(tmp_path):
     checkpoint, config = _checkpoint(tmp_path / "ckpt")
     config.checkpoint = checkpoint
     config.inference.backend = "onnx"
-    with pytest.raises(checkpointing.CheckpointError, match="--mode=export"):
+    with pytest.raises(errors.CheckpointError, match="--mode=export"):
         inference.restore(checkpoint, "onnx")
     config.inference.backend = "tensorrt"
     with pytest.raises(errors.ConfigError, match="inference.backend='tensorrt': must be one of"):
-        config_checks.validate(config, "eval")
+        config_schema.validate(config, "eval")
     config.inference.backend = "onnx"
     with pytest.raises(errors.ConfigError, match="training validates its own weights"):
-        config_checks.validate(config, "train")
+        config_schema.validate(config, "train")
 
 
 def test_export_to_a_folder_keeps_the_weights_and_meta_alone(tmp_path):
@@ -242,11 +242,11 @@ def test_export_to_a_folder_keeps_the_weights_and_meta_alone(tmp_path):
     config = tiny.get_config()
     state = train.create_train_state(jax.random.key(0), config, models.create_model(config.model))
     saver = checkpointing.Checkpointer(str(tmp_path / "run"), keep=1)
-    saver.save(state, {"step": 0, "config": checkpointing.config_json(config)})
+    saver.save(state, {"step": 0, "config": config_schema.config_json(config)})
     saver.close()
     out = str(tmp_path / "shared" / "fold_1")
     config.export.path = out
-    config_checks.validate(config, "export")
+    config_schema.validate(config, "export")
     assert export.export(config, str(tmp_path / "run")) == out
     (want, want_meta), (got, got_meta) = map(
         checkpointing.restore_model, (str(tmp_path / "run"), out)
@@ -260,7 +260,7 @@ def test_export_to_a_folder_keeps_the_weights_and_meta_alone(tmp_path):
     assert size(tmp_path / "shared") < size(tmp_path / "run") / 2  # no optimizer state
     assert inference.model_paths(str(tmp_path / "shared")) == [out]
     with pytest.raises(errors.ConfigError, match="exists; a checkpoint export writes a new"):
-        config_checks.validate(config, "export")
+        config_schema.validate(config, "export")
 
 
 def test_shipped_onnx_is_the_shipped_checkpoint(tiny_data):

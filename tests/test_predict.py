@@ -9,7 +9,7 @@ import tifffile
 from configs import tiny
 from resunet_jax import (
     checkpointing,
-    config_checks,
+    config_schema,
     errors,
     inference,
     models,
@@ -17,7 +17,6 @@ from resunet_jax import (
     predict,
     train,
 )
-from resunet_jax.data import lgg
 
 
 def _export_tiny(path, seed=0, train_patients=(), threshold=None, **data):
@@ -42,7 +41,7 @@ def _export_tiny(path, seed=0, train_patients=(), threshold=None, **data):
     )
     meta = {
         "step": 10 + seed,
-        "config": checkpointing.config_json(config),
+        "config": config_schema.config_json(config),
         "val_metrics": {"detection_threshold": 0.4 + seed / 10 if threshold is None else threshold},
         "train_patients": list(train_patients),
     }
@@ -167,7 +166,7 @@ def test_load_slice_names_the_file_and_the_problem(tmp_path):
         ("two.tif", "not a 2-D slice (shape (16, 16, 2);"),
         ("stack.tif", "not a 2-D slice (shape (4, 16, 16, 3);"),
     ):
-        with pytest.raises(lgg.DataError) as e:
+        with pytest.raises(errors.DataError) as e:
             predict.load_slice(str(tmp_path / name))
         assert str(e.value).startswith(f"{tmp_path / name}: {problem}")
 
@@ -181,12 +180,12 @@ def test_predict_errors_on_empty_or_missing_input(tmp_path, exported_model):
         (tmp_path / "nope", "no such"),
     ):
         config.predict.input = str(path)
-        with pytest.raises(lgg.DataError, match=message):
+        with pytest.raises(errors.DataError, match=message):
             predict.predict(config, str(tmp_path / "work"))
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "x.tif").write_text("nope")
     config.predict.input = str(tmp_path / "bad")
-    with pytest.raises(lgg.DataError, match="none of the 1"):
+    with pytest.raises(errors.DataError, match="none of the 1"):
         predict.predict(config, str(tmp_path / "work"))
 
 
@@ -321,13 +320,13 @@ def test_joined_model_predicts_flair_only_slices_with_its_no_contrast_model(tmp_
 def test_join_refuses_models_that_read_different_inputs_or_are_joined(tmp_path):
     complete = _export_tiny(tmp_path / "complete", 0, ["a"])
     other = _export_tiny(tmp_path / "other", 1, ["a"], normalization="volume")
-    with pytest.raises(checkpointing.CheckpointError, match="data.normalization: 'scale' vs"):
+    with pytest.raises(errors.CheckpointError, match="data.normalization: 'scale' vs"):
         checkpointing.join_no_contrast_expert(complete, other)
     variables, meta = checkpointing.join_no_contrast_expert(complete, complete)
     checkpointing.export_model(str(tmp_path / "joined"), variables, meta)
-    with pytest.raises(checkpointing.CheckpointError, match="joined already|already a joined"):
+    with pytest.raises(errors.CheckpointError, match="joined already|already a joined"):
         checkpointing.join_no_contrast_expert(str(tmp_path / "joined"), complete)
     config = tiny.get_config()
     config.model.no_contrast_expert = True
     with pytest.raises(errors.ConfigError, match="no_contrast_expert=True: .*join_no_"):
-        config_checks.validate(config, "train")
+        config_schema.validate(config, "train")

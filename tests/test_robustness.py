@@ -16,8 +16,8 @@ import pytest
 import tifffile
 
 from configs import tiny
-from resunet_jax import checkpointing, train
-from resunet_jax.data import arrays, lgg, sources, synthetic, tfds_lgg
+from resunet_jax import checkpointing, errors, train
+from resunet_jax.data import arrays, sources, synthetic, tfds_lgg
 from resunet_jax.workdir import LOCK_FILE
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -190,7 +190,7 @@ def test_bad_data_is_reported_before_training_naming_the_file(tmp_path, fault, m
     config = tiny.get_config()
     config.data.dir = str(tmp_path / "data")
     config.data.prepared_dir = str(tmp_path / "prepared")
-    with pytest.raises(lgg.DataError, match=message):  # the tfdata source prepares
+    with pytest.raises(errors.DataError, match=message):  # the tfdata source prepares
         sources.open_source(config, str(tmp_path / "work"), tfds=True)
     assert not os.path.exists(tmp_path / "work")
 
@@ -198,7 +198,7 @@ def test_bad_data_is_reported_before_training_naming_the_file(tmp_path, fault, m
         source = sources.open_source(config, str(tmp_path / "work"), split=False)
         arrays.load(source.data_dir, source.slices, source.patient_ids, 32, str(tmp_path / "p"))
 
-    with pytest.raises(lgg.DataError, match=message):
+    with pytest.raises(errors.DataError, match=message):
         device_source_reads()
 
 
@@ -214,7 +214,7 @@ def test_empty_folder_and_too_few_patients_are_reported(tmp_path):
         ("few", "2 patients are too few for data.num_folds=3"),
     ):
         config.data.dir = str(tmp_path / name)
-        with pytest.raises(lgg.DataError, match=message):
+        with pytest.raises(errors.DataError, match=message):
             sources.open_source(config, str(tmp_path / "work"))
     # Without a split (evaluating a checkpoint that lists its training patients) two do.
     source = sources.open_source(config, str(tmp_path / "work"), split=False)

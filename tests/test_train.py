@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from configs import tiny
-from resunet_jax import checkpointing, device_source, losses, models, parallel, train
+from resunet_jax import checkpointing, device_source, errors, losses, models, parallel, train
 from resunet_jax.data import arrays, lgg, sources
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -160,7 +160,7 @@ def test_fine_tuning_starts_from_the_exported_weights_with_a_fresh_optimizer(tmp
 
     config.model.bottleneck_features = 32  # another architecture: one error naming the shapes
     other = train.create_train_state(jax.random.key(1), config, models.create_model(config.model))
-    with pytest.raises(checkpointing.CheckpointError, match="different model config"):
+    with pytest.raises(errors.CheckpointError, match="different model config"):
         train.init_from_checkpoint(other, str(tmp_path / "model"))
 
 
@@ -174,7 +174,7 @@ def test_fine_tuning_that_leaves_no_patient_to_validate_fails_before_training():
     ids = ["P1", "P2", "P3", "P4"]
     source = sources.Source(config, "/data/lgg", [], None, ids, ids[:3], ids[3:], False)
     train.check_patients_left_to_validate(source, ["P1", "P2", "P3"])  # P4 never seen
-    with pytest.raises(lgg.DataError, match="/data/lgg: .* none left to validate on"):
+    with pytest.raises(errors.DataError, match="/data/lgg: .* none left to validate on"):
         train.check_patients_left_to_validate(source, ids)
     config.eval.split = "all"  # a measure of fit, asked for
     train.check_patients_left_to_validate(source, ids)

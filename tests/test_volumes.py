@@ -21,8 +21,8 @@ from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
 from test_predict import _export_tiny
 
 from configs import tiny
-from resunet_jax import inference, predict
-from resunet_jax.data import lgg, synthetic, volumes
+from resunet_jax import errors, inference, predict
+from resunet_jax.data import synthetic, volumes
 
 SPACING = (0.9, 0.8, 3.0)  # column, row, slice (mm)
 PATIENTS = ("P1", "P2")
@@ -307,7 +307,7 @@ def test_to_uint8_keeps_8_bit_and_maps_other_types_by_their_range():
     np.testing.assert_array_equal(
         volumes.to_uint8(x.astype(np.int16) * 13 - 40, "x"), [[0, 5], [255, 8]]
     )
-    with pytest.raises(lgg.DataError, match="^x: 1 non-finite values"):
+    with pytest.raises(errors.DataError, match="^x: 1 non-finite values"):
         volumes.to_uint8(np.array([1.0, np.inf]), "x")
 
 

@@ -14,7 +14,7 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from resunet_jax import preprocess
+from resunet_jax import errors, preprocess
 from resunet_jax.data import lgg
 from resunet_jax.workdir import atomic_write
 
@@ -56,7 +56,7 @@ def load(
         DataError: one error naming every unusable file of these patients.
     """
     if not patient_ids:
-        raise lgg.DataError(f"{data_dir}: no patients to load")
+        raise errors.DataError(f"{data_dir}: no patients to load")
     folder = cache_dir(data_dir, slices, image_size, prepared_root)
     patient_ids = sorted(patient_ids)
     if jax.process_index() == 0:
@@ -86,12 +86,12 @@ def _write_missing(data_dir, slices, patient_ids, image_size, folder):
     read, problems = {}, []
     for pid, patient_slices in by_patient.items():
         if not patient_slices:
-            raise lgg.DataError(f"{data_dir}: no slices of patient {pid}")
+            raise errors.DataError(f"{data_dir}: no slices of patient {pid}")
         read[pid] = []
         for s in patient_slices:
             try:
                 read[pid].append(lgg.read_slice(s))
-            except lgg.DataError as e:
+            except errors.DataError as e:
                 problems.append(str(e))
     if problems:
         raise lgg.unusable_files(data_dir, problems)

@@ -15,7 +15,7 @@ import re
 import numpy as np
 import tifffile
 
-from resunet_jax.errors import DataError  # also importable from here
+from resunet_jax.errors import DataError
 
 _SLICE_FILE = re.compile(r"^(?P<stem>.+)_(?P<index>\d+)(?P<mask>_mask)?\.tiff?$", re.IGNORECASE)
 

@@ -24,7 +24,6 @@ class Source:
     """A data source and its patient split.
 
     Attributes:
-        config: the run config with data-source defaults filled in.
         data_dir: the kaggle_3m-style folder.
         slices: its slices (`lgg.discover`).
         builder: its prepared `tfds_lgg.LggBuilder`; None unless opened with `tfds=True`.
@@ -33,7 +32,6 @@ class Source:
         synthetic: whether `data_dir` holds generated phantom data.
     """
 
-    config: ml_collections.ConfigDict
     data_dir: str
     slices: list
     builder: Any
@@ -41,26 +39,6 @@ class Source:
     train_ids: list
     val_ids: list
     synthetic: bool
-
-
-def resolve_defaults(config: ml_collections.ConfigDict, synthetic: bool):
-    """Fills fields left None with the data source's defaults (`config.defaults`).
-
-    The synthetic demo needs a smaller image size and schedule than the real recipe;
-    a value given explicitly (config file or command line) always wins.
-    """
-    config = config.copy_and_resolve_references()
-
-    def fill(node, defaults):
-        for key, value in defaults.items():
-            if isinstance(value, ml_collections.ConfigDict):
-                fill(node[key], value)
-            elif node[key] is None:
-                node[key] = value
-
-    with config.unlocked():
-        fill(config, config.defaults.synthetic if synthetic else config.defaults.lgg)
-    return config
 
 
 def prepared_root(config) -> str:
@@ -78,7 +56,6 @@ def open_source(
     TensorFlow imported): process 0 prepares, the other processes wait, then open it.
     """
     is_synthetic = not config.data.dir
-    config = resolve_defaults(config, is_synthetic)
     if is_synthetic:
         data_dir = os.path.join(workdir, SYNTHETIC_DIR)
         syn = config.synthetic
@@ -121,4 +98,4 @@ def open_source(
         len(slices),
         f"{len(train_ids)} train, {len(val_ids)} val patients" if split else "not split",
     )
-    return Source(config, data_dir, slices, builder, ids, train_ids, val_ids, is_synthetic)
+    return Source(data_dir, slices, builder, ids, train_ids, val_ids, is_synthetic)

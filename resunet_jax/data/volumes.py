@@ -47,7 +47,7 @@ import nibabel as nib
 import numpy as np
 from nibabel import orientations
 
-from resunet_jax.data import lgg
+from resunet_jax import errors
 
 # Channel order of a model input slice, as in the LGG .tif files.
 SEQUENCES = ("pre", "flair", "post")
@@ -202,18 +202,18 @@ def to_uint8(image: np.ndarray, path: str) -> np.ndarray:
     """uint8 as it is; any other integer or float array mapped from its min..max to 0..255.
 
     Raises:
-        lgg.DataError: an unsupported pixel type or non-finite values (naming `path`).
+        errors.DataError: an unsupported pixel type or non-finite values (naming `path`).
     """
     if image.dtype == np.uint8:
         return image
     if not (np.issubdtype(image.dtype, np.integer) or np.issubdtype(image.dtype, np.floating)):
-        raise lgg.DataError(f"{path}: unsupported pixel type {image.dtype}")
+        raise errors.DataError(f"{path}: unsupported pixel type {image.dtype}")
     image = image.astype(np.float64)
     # A NaN would cast to an arbitrary uint8 value and an inf spoil the range, so both
     # are errors rather than silently wrong inputs.
     bad = int((~np.isfinite(image)).sum())
     if bad:
-        raise lgg.DataError(f"{path}: {bad} non-finite values (NaN or inf)")
+        raise errors.DataError(f"{path}: {bad} non-finite values (NaN or inf)")
     lo, hi = image.min(), image.max()
     return np.round((image - lo) * (255.0 / (hi - lo) if hi > lo else 0.0)).astype(np.uint8)
 
@@ -224,7 +224,9 @@ def _read_nifti(path: str):
         image = nib.load(path)
         data = np.asanyarray(image.dataobj)
     except Exception as e:  # nibabel raises many types for damaged or foreign files
-        raise lgg.DataError(f"{path}: not a readable NIfTI file ({type(e).__name__}: {e})") from e
+        raise errors.DataError(
+            f"{path}: not a readable NIfTI file ({type(e).__name__}: {e})"
+        ) from e
     return data, image.affine, image.header
 
 
@@ -233,7 +235,7 @@ def _read_dicom(folder: str):
     one DICOM series.
 
     Raises:
-        lgg.DataError: unreadable files, no image, several series, multi-frame images,
+        errors.DataError: unreadable files, no image, several series, multi-frame images,
             slices of different size or orientation, or uneven slice positions.
     """
     import pydicom  # only for DICOM input
@@ -246,13 +248,15 @@ def _read_dicom(folder: str):
         try:
             ds = pydicom.dcmread(path)
         except Exception as e:  # pydicom raises many types for damaged files
-            raise lgg.DataError(f"{path}: unreadable DICOM ({type(e).__name__}: {e})") from e
+            raise errors.DataError(f"{path}: unreadable DICOM ({type(e).__name__}: {e})") from e
         if "PixelData" in ds:
             images.append((path, ds))
         else:
             others += 1
     if not images:
-        raise lgg.DataError(f"{folder}: no DICOM image in this folder ({others} other DICOM files)")
+        raise errors.DataError(
+            f"{folder}: no DICOM image in this folder ({others} other DICOM files)"
+        )
     series = {}
     for _, ds in images:
         series.setdefault(ds.get("SeriesInstanceUID", ""), []).append(ds)
@@ -261,25 +265,25 @@ def _read_dicom(folder: str):
             f"{s[0].get('SeriesDescription', '?')!r} ({len(s)} files)"
             for s in sorted(series.values(), key=len, reverse=True)
         )
-        raise lgg.DataError(
+        raise errors.DataError(
             f"{folder}: {len(series)} DICOM series in one folder ({described}); "
             "put each series in a folder of its own"
         )
     first_path, first = images[0]
     if int(first.get("NumberOfFrames", 1)) > 1:
-        raise lgg.DataError(
+        raise errors.DataError(
             f"{first_path}: a multi-frame DICOM image; convert the series to NIfTI "
             "(dcm2niix) and predict on that"
         )
     if len(images) < 2:
-        raise lgg.DataError(f"{first_path}: a single DICOM slice (2-D); expected a volume")
+        raise errors.DataError(f"{first_path}: a single DICOM slice (2-D); expected a volume")
 
     def geometry(path, ds):
         try:
             iop = np.asarray(ds.ImageOrientationPatient, np.float64)
             return iop, np.asarray(ds.ImagePositionPatient, np.float64), ds.PixelSpacing
         except AttributeError as e:
-            raise lgg.DataError(f"{path}: DICOM image without its geometry ({e})") from e
+            raise errors.DataError(f"{path}: DICOM image without its geometry ({e})") from e
 
     iop, _, spacing = geometry(*images[0])
     normal = np.cross(iop[:3], iop[3:])
@@ -291,13 +295,13 @@ def _read_dicom(folder: str):
             or (ds.Rows, ds.Columns) != (first.Rows, first.Columns)
             or not np.allclose(np.asarray(this_spacing, float), np.asarray(spacing, float))
         ):
-            raise lgg.DataError(
+            raise errors.DataError(
                 f"{path}: slice size, orientation or pixel spacing differs from {first_path}"
             )
         try:
             array = ds.pixel_array
         except Exception as e:
-            raise lgg.DataError(
+            raise errors.DataError(
                 f"{path}: DICOM pixel data not decodable ({type(e).__name__}: {e})"
             ) from e
         slope, intercept = float(ds.get("RescaleSlope", 1)), float(ds.get("RescaleIntercept", 0))
@@ -309,7 +313,7 @@ def _read_dicom(folder: str):
     positions = np.asarray(positions)[order]
     gaps = np.diff(positions @ normal)
     if gaps.min() <= 1e-3 or gaps.max() > 1.1 * gaps.min():
-        raise lgg.DataError(
+        raise errors.DataError(
             f"{folder}: DICOM slice positions are repeated or unevenly spaced "
             f"({gaps.min():.3f}..{gaps.max():.3f} mm apart)"
         )
@@ -328,7 +332,7 @@ def _read_source(path: str):
     if data.ndim == 4 and data.shape[3] == 1:  # a 3-D volume stored with a unit 4th axis
         data = data[..., 0]
     if data.ndim != 3 or min(data.shape) < 2:
-        raise lgg.DataError(
+        raise errors.DataError(
             f"{path}: a {data.ndim}-D image of shape {data.shape}; expected one 3-D volume "
             "per sequence (split 4-D series; a single slice is not a volume)"
         )
@@ -356,10 +360,10 @@ def read_volume(source: VolumeInput) -> Volume:
     [Z, H, W, 3] uint8 model slices (missing sequences filled with the FLAIR).
 
     Raises:
-        lgg.DataError: naming the file and the problem.
+        errors.DataError: naming the file and the problem.
     """
     if source.problem:
-        raise lgg.DataError(source.problem)
+        raise errors.DataError(source.problem)
     flair_path = source.sequences["flair"]
     flair, affine, header = _read_source(flair_path)
     channels = {}
@@ -369,7 +373,7 @@ def read_volume(source: VolumeInput) -> Volume:
             continue
         data, this_affine = (flair, affine) if role == "flair" else _read_source(path)[:2]
         if data.shape != flair.shape or not np.allclose(this_affine, affine, atol=1e-3):
-            raise lgg.DataError(
+            raise errors.DataError(
                 f"{path}: its grid (shape {data.shape}, affine "
                 f"{np.round(this_affine, 3).tolist()}) differs from the FLAIR's {flair_path} "
                 f"(shape {flair.shape}, affine {np.round(affine, 3).tolist()}); "

@@ -1,13 +1,14 @@
 """Bad config values stop a run before any work, in one line naming the field."""
 
+import ast
 import os
 import subprocess
 import sys
 
 import pytest
 
-from configs import tiny
-from resunet_jax import config_checks, errors
+from configs import resunet, tiny
+from resunet_jax import config_schema, errors, inputs, losses
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -54,16 +55,16 @@ def test_bad_value_is_refused_naming_the_field(field, value, mode):
     if mode == "predict" and field != "predict.input":
         config.predict.input = "scans"
     with pytest.raises(errors.ConfigError, match=rf"^config\.{field}={value!r}: "):
-        config_checks.validate(config, mode)
+        config_schema.validate(config, mode)
 
 
 def test_shipped_configs_pass():
     from configs import resunet
 
-    for mode in config_checks.MODES:
+    for mode in config_schema.MODES:
         for config in (resunet.get_config(), tiny.get_config()):
             config.predict.input = "scans"
-            config_checks.validate(config, mode)
+            config_schema.validate(config, mode)
 
 
 @pytest.mark.parametrize(
@@ -91,3 +92,32 @@ def test_bad_value_through_launch_is_one_line_and_writes_nothing(tmp_path, flag,
     assert len(lines) == 1 and f"config.{field}=" in lines[0], proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr
     assert not os.path.exists(workdir) and not os.path.exists(tmp_path / "prepared")
+
+
+def test_each_allowed_value_list_is_the_registry_it_names():
+    assert tuple(losses.LOSSES) == config_schema.LOSSES
+    assert tuple(inputs.MISSING_SEQUENCES) == config_schema.MISSING_SEQUENCES
+
+
+def test_the_schema_imports_no_training_code():
+    with open(config_schema.__file__) as f:
+        tree = ast.parse(f.read())
+    ours = {
+        node.module
+        for node in ast.walk(tree)
+        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("resunet_jax")
+    }
+    assert ours == {"resunet_jax.errors"}
+
+
+def test_defaults_resolve_once_by_data_source_and_resolving_again_changes_nothing():
+    config = resunet.get_config()
+    assert config.data.image_size is None
+    synthetic = config_schema.resolve_defaults(config)
+    assert (synthetic.data.image_size, synthetic.num_train_steps) == (64, 800)
+    config.data.dir = "/somewhere/kaggle_3m"
+    config.num_train_steps = 7  # given explicitly: it wins
+    lgg = config_schema.resolve_defaults(config)
+    assert (lgg.data.image_size, lgg.num_train_steps, lgg.eval_every_steps) == (128, 7, 250)
+    assert config_schema.resolve_defaults(lgg).to_dict() == lgg.to_dict()
+    assert config.data.image_size is None  # the given config is not changed
