@@ -170,14 +170,12 @@ def test_training_patients_add_up_over_fine_tuning():
 
 
 def test_fine_tuning_that_leaves_no_patient_to_validate_fails_before_training():
-    config = tiny.get_config()
     ids = ["P1", "P2", "P3", "P4"]
-    source = sources.Source(config, "/data/lgg", [], None, ids, ids[:3], ids[3:], False)
-    train.check_patients_left_to_validate(source, ["P1", "P2", "P3"])  # P4 never seen
+    source = sources.Source("/data/lgg", [], None, ids, ids[:3], ids[3:], False)
+    train.check_patients_left_to_validate(source, ["P1", "P2", "P3"], "val")  # P4 never seen
     with pytest.raises(errors.DataError, match="/data/lgg: .* none left to validate on"):
-        train.check_patients_left_to_validate(source, ids)
-    config.eval.split = "all"  # a measure of fit, asked for
-    train.check_patients_left_to_validate(source, ids)
+        train.check_patients_left_to_validate(source, ids, "val")
+    train.check_patients_left_to_validate(source, ids, "all")  # a measure of fit, asked for
 
 
 def _launch(workdir, *flags):
