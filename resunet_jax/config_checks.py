@@ -10,7 +10,7 @@ import os
 import jax
 import ml_collections
 
-from resunet_jax import inference, losses, models, postprocess, preprocess, train
+from resunet_jax import backends, losses, models, postprocess, preprocess, train
 from resunet_jax.data import sources
 from resunet_jax.errors import ConfigError
 
@@ -40,7 +40,7 @@ def validate(config: ml_collections.ConfigDict, mode: str) -> None:
     _choices(config, "eval.split", ("val", "all"))
     _choices(config, "eval.postprocess", postprocess.METHODS)
     _choices(config, "eval.missing_sequences", tuple(preprocess.MISSING_SEQUENCES))
-    _choices(config, "inference.backend", inference.BACKENDS)
+    _choices(config, "inference.backend", backends.BACKENDS)
 
     for field in (
         "batch_size",
