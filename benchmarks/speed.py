@@ -14,7 +14,7 @@ the recipe's augmentation of the uint8 batch, global-batch loss, Adam), with BCE
 and no detection head, like the torch script.
 Times are medians over `--steps` timed steps after warm-up (compilation excluded).
 With `--backends` including onnx, the same model (same weights) is exported as
-`--mode=export` exports it and its inference on ONNX Runtime (`inference.OnnxModel`, the
+`--mode=export` exports it and its inference on ONNX Runtime (`backends.OnnxModel`, the
 onnx backend of eval and predict) is timed too, on one more line ("impl": "onnxruntime",
 no train fields).
 """
@@ -58,13 +58,13 @@ def main():
     p.add_argument("--backends", default="jax", help="jax, onnx or jax,onnx")
     p.add_argument("--threads", type=int, default=0, help="ONNX Runtime threads; 0 = its default")
     args = p.parse_args()
-    backends = args.backends.split(",")
+    timed = args.backends.split(",")
     os.environ.setdefault("JAX_PLATFORMS", args.device)
 
     import jax
 
     from configs import resunet
-    from resunet_jax import config_schema, export, inference, models, parallel, train
+    from resunet_jax import backends, config_schema, export, models, parallel, train
 
     config = resunet.get_config()
     config.model.dtype = args.dtype
@@ -77,7 +77,7 @@ def main():
     model = models.create_model(config.model)
     # As training runs it: uint8 slices in, augmented and normalised inside the step.
     train_step = train.pmapped_train_step(config)
-    predict_step = inference.pmapped_predict_step(model)
+    predict_step = backends.pmapped_predict_step(model)
     rng = np.random.default_rng(0)
     for size in [int(s) for s in args.sizes.split(",")]:
         config.data.image_size = size
@@ -109,17 +109,17 @@ def main():
             "amp_bf16": args.dtype == "bfloat16",
             "compile": True,  # XLA always compiles
         }
-        if "jax" in backends:
+        if "jax" in timed:
             for name, fn in steps.items():
                 median = _median_seconds(fn, state, batch, args.steps)
                 result[f"{name}_ms_per_step"] = round(1000 * median, 2)
                 result[f"{name}_images_per_s"] = round(args.batch / median, 2)
             print(json.dumps(result), flush=True)
-        if "onnx" in backends:
+        if "onnx" in timed:
             meta = {"step": 0, "config": config_schema.config_json(config)}
             with tempfile.TemporaryDirectory() as tmp:
                 export.write_onnx(variables, meta, os.path.join(tmp, "model.onnx"))
-                onnx_model = inference.OnnxModel(os.path.join(tmp, "model.onnx"), args.threads)
+                onnx_model = backends.OnnxModel(os.path.join(tmp, "model.onnx"), args.threads)
             images = np.asarray(batch["image"]).reshape(args.batch, size, size, 3) / np.float32(255)
             median = _median_seconds(lambda _, x, m=onnx_model: m(x), None, images, args.steps)
             print(json.dumps(_onnx_result(result, onnx_model, args.threads, median)), flush=True)

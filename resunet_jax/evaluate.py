@@ -7,7 +7,7 @@ two write identical reports: `eval/metrics.json`, `eval/per_patient.csv` and a f
 its own validation fold, into one report: `cv/metrics.json`, `cv/per_patient.csv`.
 
 A patient's uncertainty (per_patient.csv) is the mean pixel s.d. across an ensemble's
-members and flips (`inference.batch_probabilities`) over the pixels it calls tumour
+members and flips (`backends.Model`) over the pixels it calls tumour
 (probability >= 0.5 on slices past the detection threshold, before largest-component
 post-processing); empty where it calls none, 0 for one model without flip TTA.
 """
@@ -22,9 +22,9 @@ import numpy as np
 from absl import logging
 
 from resunet_jax import (
+    backends,
     config_schema,
     errors,
-    inference,
     inputs,
     metrics,
     postprocess,
@@ -70,9 +70,8 @@ class Evaluator:
             eval.postprocess, eval.missing_sequences).
         patient_ids: patients to evaluate.
 
-    The methods take the model as `inference.restore` returns it: {"params",
-    "batch_stats"} of the JAX model, an ONNX Runtime model (inference.backend=onnx), or
-    an `inference.Ensemble` of them.
+    The methods take a `backends.Model` (as `backends.restore` returns it; training's
+    from `backends.from_variables`).
     """
 
     def __init__(self, source: sources.Source, config, patient_ids):
@@ -80,7 +79,6 @@ class Evaluator:
             raise errors.DataError("no slice to evaluate: the evaluation split is empty")
         devices = jax.local_device_count()
         self.batch_size = -(-config.eval.batch_size // devices) * devices
-        self.probabilities = inference.batch_probabilities(config)
         self.postprocess = config.eval.postprocess
         self.normalization = config.data.normalization
         self.slices = arrays.load(
@@ -112,7 +110,7 @@ class Evaluator:
         stats = None if self.stats is None else self.stats[rows]
         return inputs.model_input(image, stats, self.missing, self.normalization)
 
-    def predict(self, variables) -> dict:
+    def predict(self, model: backends.Model) -> dict:
         """Per-slice values of every slice, judged at the slice's original size.
 
         Returns:
@@ -125,7 +123,7 @@ class Evaluator:
         true_masks = self.slices["original_mask"] > 0
         columns = collections.defaultdict(list)
         for rows in self._batches():
-            probs, tumor, std = self.probabilities(variables, self.inputs(rows))
+            probs, tumor, std = model.probabilities(self.inputs(rows))
             sizes = self.slices["orig_height"][rows], self.slices["orig_width"][rows]
             small = postprocess.masks_at_original_size(probs, *sizes)
             small_std = postprocess.probabilities_at_original_size(std, *sizes)
@@ -144,7 +142,7 @@ class Evaluator:
         )
         return out
 
-    def run(self, variables, threshold: float | None = None) -> tuple[dict, dict]:
+    def run(self, model: backends.Model, threshold: float | None = None) -> tuple[dict, dict]:
         """Evaluates; `threshold` None selects the detection threshold on these patients.
 
         Metrics follow `eval.postprocess`; `metrics["postprocess_comparison"]` gives the
@@ -155,7 +153,7 @@ class Evaluator:
             patient's "uncertainty" (the module docstring) and its mean over the
             patients with a predicted lesion, "uncertainty_per_volume_mean".
         """
-        cols = self.predict(variables)
+        cols = self.predict(model)
         true_tumor = cols["true_area"] > 0
         if threshold is None:
             threshold = metrics.select_threshold(cols["tumor_prob"], true_tumor)
@@ -186,13 +184,13 @@ class Evaluator:
         }
         return summary, patients
 
-    def results_grid(self, variables, threshold: float, num_rows: int = 6):
+    def results_grid(self, model: backends.Model, threshold: float, num_rows: int = 6):
         """The results grid (visualize.results_grid) of the first `num_rows` slices:
         half with tumour (one per patient while possible), half without."""
         want_tumor, want_clean = num_rows - num_rows // 2, num_rows // 2
         shown, patients_shown = [], set()
         for rows in self._batches():
-            probs, tumor, _ = self.probabilities(variables, self.inputs(rows))
+            probs, tumor, _ = model.probabilities(self.inputs(rows))
             for i, row in enumerate(rows):
                 has_tumor = bool(self.slices["mask"][row].any())
                 pid = self.slices["patient_id"][row]
@@ -294,7 +292,7 @@ def evaluate_checkpoint(config, workdir: str, source: sources.Source | None = No
     """Restores a checkpoint, evaluates it on `eval.split`, and writes `workdir/eval/`.
 
     The checkpoint is `config.checkpoint` if set, else the workdir's best (else latest);
-    with inference.backend=onnx, the exported model there (`inference.find_onnx`).
+    with inference.backend=onnx, the exported model there (`backends.find_onnx`).
 
     Args:
         config: run config.
@@ -307,7 +305,8 @@ def evaluate_checkpoint(config, workdir: str, source: sources.Source | None = No
     if jax.process_index() == 0:  # before the evaluation, not after it
         check_writable(workdir)
     path = config.checkpoint or workdir
-    variables, meta = inference.restore(path, config.inference.backend)
+    model = backends.restore(path, config.inference.backend, config)
+    meta = model.meta
     config = config_schema.checkpoint_config(config, meta)
     # With the list of training patients the k-fold split is not needed, so a folder
     # of fewer patients than data.num_folds (a user's own two, say) can be scored.
@@ -316,13 +315,11 @@ def evaluate_checkpoint(config, workdir: str, source: sources.Source | None = No
     evaluator = Evaluator(source, config, patient_ids)
     # The detection threshold chosen on the validation patients during training (an
     # ensemble's: the mean of its members').
-    threshold = meta.get("val_metrics", {}).get("detection_threshold", 0.5)
-    summary, patients = evaluator.run(variables, threshold)
+    threshold = model.threshold
+    summary, patients = evaluator.run(model, threshold)
     summary.update(
         checkpoint_step=int(meta["step"]),
-        checkpoint=",".join(
-            os.path.abspath(p) for p in inference.model_paths(path, config.inference.backend)
-        ),
+        checkpoint=",".join(os.path.abspath(p) for p in model.paths),
         data_dir=source.data_dir,
         synthetic_data=source.synthetic,
         split=config.eval.split,
@@ -330,10 +327,10 @@ def evaluate_checkpoint(config, workdir: str, source: sources.Source | None = No
         missing_sequences=config.eval.missing_sequences,
         patients_seen_in_training=len(seen),
     )
-    if "members" in meta:  # an ensemble (inference.Ensemble.meta)
+    if "members" in meta:  # an ensemble (backends.Ensemble.meta)
         summary["ensemble_members"] = meta["members"]
     if jax.process_index() == 0:
-        grid = evaluator.results_grid(variables, threshold)
+        grid = evaluator.results_grid(model, threshold)
         write_report(os.path.join(workdir, "eval"), summary, patients, grid)
     logging.info(
         "Evaluation of step %d on %d patients: %s",
@@ -360,7 +357,7 @@ def cross_validate(config, workdir: str) -> dict:
     """Scores the runs of a k-fold cross-validation, each on its own validation fold,
     and writes the pooled report to `workdir/cv/`.
 
-    The runs are `config.checkpoint` (else `workdir`) as `inference.model_paths` reads
+    The runs are `config.checkpoint` (else `workdir`) as `backends.model_paths` reads
     it: comma-separated, or a folder of runs (trained with `data.fold=0..k-1`). A run's
     fold is the patients of `data.dir` it did not train on (its meta lists the ones it
     did, as for `eval.split=val`); each is scored as `--mode=eval` scores it, at its own
@@ -382,8 +379,7 @@ def cross_validate(config, workdir: str) -> dict:
     """
     if jax.process_index() == 0:
         check_writable(workdir)
-    backend = config.inference.backend
-    paths = inference.model_paths(config.checkpoint or workdir, backend)
+    paths = backends.model_paths(config.checkpoint or workdir, config.inference.backend)
     if len(paths) < 2:
         raise errors.ConfigError(
             f"config.checkpoint={config.checkpoint!r}: --mode=cv needs the runs of two folds "
@@ -392,7 +388,8 @@ def cross_validate(config, workdir: str) -> dict:
         )
     source, folds, patients, fold_of = None, [], {}, {}
     for fold, path in enumerate(paths):
-        model, meta = inference.restore(path, backend)
+        model = backends.restore(path, config.inference.backend, config)
+        meta = model.meta
         fold_config = config_schema.checkpoint_config(config, meta)
         source = source or sources.open_source(fold_config, workdir, split=False)
         patient_ids, _ = patients_to_evaluate(source, meta["train_patients"], config.eval.split)
@@ -403,7 +400,7 @@ def cross_validate(config, workdir: str) -> dict:
                     "(neither trained on it): they are not folds of one split"
                 )
             fold_of[pid] = fold
-        threshold = meta.get("val_metrics", {}).get("detection_threshold", 0.5)
+        threshold = model.threshold
         summary, rows = Evaluator(source, fold_config, patient_ids).run(model, threshold)
         folds.append(
             {

@@ -13,7 +13,7 @@ training patients) are in its metadata_props, and in a JSON beside it for readin
 without ONNX.
 
 With `inference.backend=onnx`, eval and predict run that graph on ONNX Runtime instead
-of the JAX model (`inference.OnnxModel`).
+of the JAX model (`backends.OnnxModel`).
 """
 
 import contextlib
@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 from absl import logging
 
-from resunet_jax import checkpointing, inference, models
+from resunet_jax import backends, checkpointing, models
 from resunet_jax.workdir import atomic_write
 
 CHANNELS = ("pre-contrast", "FLAIR", "post-contrast")
@@ -48,7 +48,7 @@ def model_card(meta: dict) -> dict:
     size, k = data["image_size"], data.get("context_slices", 0)
     card = {
         "input": {
-            "name": inference.INPUT_NAME,
+            "name": backends.INPUT_NAME,
             "shape": ["batch", size, size, models.input_channels(data)],
             "dtype": "float32",
             "layout": "NHWC",
@@ -65,7 +65,7 @@ def model_card(meta: dict) -> dict:
             "mask": "[batch, S, S] float32 pixel tumour probability; tumour where >= 0.5",
             "tumor": "[batch] float32 slice tumour probability",
         },
-        "detection_threshold": meta.get("val_metrics", {}).get("detection_threshold", 0.5),
+        "detection_threshold": backends.detection_threshold(meta),
         "detection_rule": "a slice whose tumor probability is below detection_threshold "
         "gets an empty mask",
         "step": int(meta["step"]),
@@ -96,7 +96,7 @@ def export(config, workdir: str) -> str:
         errors.CheckpointError: no checkpoint at the path.
     """
     path = config.checkpoint or workdir
-    out = config.export.path or os.path.join(workdir, "export", inference.ONNX_NAME)
+    out = config.export.path or os.path.join(workdir, "export", backends.ONNX_NAME)
     variables, meta = checkpointing.restore_model(path)
     if out.endswith(".onnx"):
         write_onnx(variables, meta, out)
@@ -120,7 +120,7 @@ def write_onnx(variables: dict, meta: dict, path: str):
     proto = to_onnx(variables, meta)
     card = model_card(meta)
     onnx.helper.set_model_props(
-        proto, {inference.META_KEY: json.dumps(meta), inference.CARD_KEY: json.dumps(card)}
+        proto, {backends.META_KEY: json.dumps(meta), backends.CARD_KEY: json.dumps(card)}
     )
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with atomic_write(path, "wb") as f:
@@ -133,7 +133,7 @@ def to_onnx(variables: dict, meta: dict):
     """The inference network of a checkpoint as an ONNX ModelProto (no metadata).
 
     The network computes in float32 whatever `model.dtype` (ONNX Runtime's CPU kernels
-    have no bfloat16 convolution). jax2onnx traces `inference.infer` (the probabilities eval
+    have no bfloat16 convolution). jax2onnx traces `backends.infer` (the probabilities eval
     and predict use) with the variables as constants and a symbolic batch dimension.
     ONNX Runtime's basic graph optimisation (hardware-independent, standard ONNX
     operators only) then folds the BatchNorms that follow a convolution into its
@@ -157,7 +157,7 @@ def to_onnx(variables: dict, meta: dict):
     variables = jax.tree.map(jnp.asarray, variables)
 
     def probabilities(images):
-        mask, tumor = inference.infer(model, variables, images)
+        mask, tumor = backends.infer(model, variables, images)
         return mask[..., 0], tumor
 
     # jax2onnx 0.12 prints debug lines from its flax.linen Conv plugin, warns with a
@@ -174,8 +174,8 @@ def to_onnx(variables: dict, meta: dict):
                 probabilities,
                 [("B", size, size, models.input_channels(data_config))],
                 model_name="resunet",
-                input_names=[inference.INPUT_NAME],
-                output_names=list(inference.OUTPUT_NAMES),
+                input_names=[backends.INPUT_NAME],
+                output_names=list(backends.OUTPUT_NAMES),
             )
     finally:
         for log, level in zip(quiet, levels, strict=True):

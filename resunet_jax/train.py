@@ -25,6 +25,7 @@ from flax.training import train_state
 
 from resunet_jax import (
     augment,
+    backends,
     checkpointing,
     config_schema,
     device_source,
@@ -501,7 +502,7 @@ def _train_loop(
                 writer.scalar("train/learning_rate", float(lr_fn(step)), step)
         val_metrics = None
         if (step % config.eval_every_steps == 0 or is_last) and not is_preempted:
-            ema = state.ema
+            ema = backends.from_variables(state.ema, config)
             val_metrics, _ = evaluator.run(ema)
             logging.info(
                 "step %d validation: dice_per_volume_mean %.4f  dice_tumor_slices_mean %.4f",

@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from configs import resunet, tiny
-from resunet_jax import config_schema, errors, inputs, losses
+from resunet_jax import backends, config_schema, errors, inputs, losses
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -97,6 +97,7 @@ def test_bad_value_through_launch_is_one_line_and_writes_nothing(tmp_path, flag,
 def test_each_allowed_value_list_is_the_registry_it_names():
     assert tuple(losses.LOSSES) == config_schema.LOSSES
     assert tuple(inputs.MISSING_SEQUENCES) == config_schema.MISSING_SEQUENCES
+    assert tuple(backends.REGISTRY) == config_schema.BACKENDS
 
 
 def test_the_schema_imports_no_training_code():

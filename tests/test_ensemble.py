@@ -13,6 +13,7 @@ from test_predict import _export_tiny
 
 from configs import tiny
 from resunet_jax import (
+    backends,
     checkpointing,
     config_schema,
     errors,
@@ -42,15 +43,15 @@ def _images(n=4):
 
 def test_spread_is_the_mean_and_standard_deviation_over_the_views():
     views = np.array([[0.2, 0.8, 0.0], [0.4, 0.8, 1.0]], np.float32)
-    mean, sd = inference.spread(views)
+    mean, sd = backends.spread(views)
     np.testing.assert_allclose(mean, [0.3, 0.8, 0.5], atol=1e-7)
     np.testing.assert_allclose(sd, [0.1, 0.0, 0.5], atol=1e-7)
-    np.testing.assert_array_equal(inference.spread(views[:1])[1], 0.0)  # one view: 0
+    np.testing.assert_array_equal(backends.spread(views[:1])[1], 0.0)  # one view: 0
 
 
 def test_members_are_comma_separated_or_the_runs_of_a_folder(members, tmp_path):
-    assert inference.model_paths(members["a"]) == [members["a"]]  # one exported model
-    assert inference.model_paths(f"{members['a']}, {members['b']}") == [
+    assert backends.model_paths(members["a"]) == [members["a"]]  # one exported model
+    assert backends.model_paths(f"{members['a']}, {members['b']}") == [
         members["a"],
         members["b"],
     ]
@@ -59,7 +60,7 @@ def test_members_are_comma_separated_or_the_runs_of_a_folder(members, tmp_path):
     for name in ("fold_1", "fold_0"):
         shutil.copytree(members["a"], runs / name)
     os.makedirs(runs / "workdir" / "checkpoints")  # a training run's workdir
-    assert inference.model_paths(str(runs)) == [
+    assert backends.model_paths(str(runs)) == [
         str(runs / n) for n in ("fold_0", "fold_1", "workdir")
     ]
 
@@ -67,7 +68,7 @@ def test_members_are_comma_separated_or_the_runs_of_a_folder(members, tmp_path):
 def test_an_ensemble_of_identical_members_is_that_member(members, tiny_data, tmp_path):
     alone = inference.Predictor.from_checkpoint(members["a"])
     both = inference.Predictor.from_checkpoint(f"{members['a']},{members['a_copy']}")
-    assert isinstance(both.model, inference.Ensemble) and both.threshold == alone.threshold
+    assert isinstance(both.model, backends.Ensemble) and both.threshold == alone.threshold
     want, got = alone.predict(_images()), both.predict(_images())
     np.testing.assert_array_equal(got.probabilities, want.probabilities)
     np.testing.assert_array_equal(got.tumor_probabilities, want.tumor_probabilities)
@@ -101,11 +102,12 @@ def test_an_ensemble_of_identical_members_is_that_member(members, tiny_data, tmp
 
 
 def test_two_members_average_their_probabilities_and_disagree(members, tmp_path):
-    ensemble, meta = inference.restore(f"{members['a']},{members['b']}")
+    ensemble = backends.restore(f"{members['a']},{members['b']}")
+    meta = ensemble.meta
     assert meta["val_metrics"]["detection_threshold"] == pytest.approx(0.45)  # mean of theirs
     assert meta["train_patients"] == ["p1", "p2", "p3"]  # the union
     assert [m["step"] for m in meta["members"]] == [10, 11] and meta["step"] == 11
-    assert isinstance(ensemble, inference.Ensemble)
+    assert isinstance(ensemble, backends.Ensemble)
     predictor = inference.Predictor.from_checkpoint(f"{members['a']},{members['b']}")
     assert predictor.threshold == pytest.approx(0.45)
     got = predictor.predict(_images())
@@ -169,7 +171,7 @@ def test_an_ensemble_on_onnx_runtime_predicts_as_on_jax(members, tmp_path):
         config.eval.flip_tta = True
         predictor = inference.Predictor.from_checkpoint(str(runs), config, backend)
         assert [type(m.model) for m in predictor.model.members] == 2 * [
-            inference.OnnxModel if backend == "onnx" else dict
+            backends.OnnxModel if backend == "onnx" else backends.JaxModel
         ]
         got[backend] = predictor.predict(_images())
     for field in ("probabilities", "tumor_probabilities", "uncertainty"):
@@ -185,7 +187,7 @@ def test_members_reading_different_inputs_are_refused(members, tmp_path):
         match=rf"{members['a']} and {volume} read different inputs "
         r"\(data.normalization: 'scale' vs 'volume'\); the members of an ensemble must agree",
     ):
-        inference.restore(f"{members['a']},{members['b']},{volume}")
+        backends.restore(f"{members['a']},{members['b']},{volume}")
 
 
 def test_predict_writes_the_uncertainty_of_an_ensemble(members, tmp_path):

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from configs import resunet, tiny
-from resunet_jax import config_schema, errors, evaluate, inference, models, train
+from resunet_jax import backends, config_schema, errors, evaluate, inference, models, train
 from resunet_jax.data import lgg
 
 
@@ -18,7 +18,9 @@ def test_masks_are_judged_at_the_slices_original_size(tiny_data, tmp_path):
     source = types.SimpleNamespace(data_dir=tiny_data, slices=slices)
     state = train.create_train_state(jax.random.key(0), config, models.create_model(config.model))
     variables = {"params": state.params, "batch_stats": state.batch_stats}
-    cols = evaluate.Evaluator(source, config, ids).predict(variables)
+    cols = evaluate.Evaluator(source, config, ids).predict(
+        backends.from_variables(variables, config)
+    )
 
     assert cols["pred_mask"].shape == cols["true_mask"].shape == (12, 32, 32)
     truth = {(s.patient_id, s.index): lgg.read_slice(s)[1] > 0 for s in slices}
@@ -91,9 +93,10 @@ def test_evaluation_predicts_what_the_predictor_predicts(tiny_data, tmp_path):
     variables = {"params": state.params, "batch_stats": state.batch_stats}
     source = types.SimpleNamespace(data_dir=tiny_data, slices=slices)
     evaluator = evaluate.Evaluator(source, config, ids)
-    cols = evaluator.predict(variables)
+    jax_model = backends.from_variables(variables, config)
+    cols = evaluator.predict(jax_model)
 
-    predictor = inference.Predictor(variables, config, threshold=0.5)
+    predictor = inference.Predictor(jax_model, config, threshold=0.5)
     for pid in ids:
         rows = np.flatnonzero(cols["patient_id"] == pid)
         images = [lgg.read_slice(s)[0] for s in slices if s.patient_id == pid]

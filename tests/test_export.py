@@ -12,12 +12,12 @@ from flax import traverse_util
 
 from configs import tiny
 from resunet_jax import (
+    backends,
     checkpointing,
     config_schema,
     errors,
     evaluate,
     export,
-    inference,
     models,
     predict,
     train,
@@ -92,12 +92,12 @@ def _slices(tiny_data, n=6, channels=3):
 def _jax_probabilities(checkpoint, images):
     variables, meta = checkpointing.restore_model(checkpoint)
     model = models.create_model(meta["config"]["model"], axis_name=None)
-    mask, tumor = jax.jit(lambda x: inference.infer(model, variables, x))(images)
+    mask, tumor = jax.jit(lambda x: backends.infer(model, variables, x))(images)
     return np.asarray(mask[..., 0]), np.asarray(tumor)
 
 
 def _assert_same_probabilities(onnx_path, checkpoint, images):
-    model = inference.OnnxModel(onnx_path)
+    model = backends.OnnxModel(onnx_path)
     want_mask, want_tumor = _jax_probabilities(checkpoint, images)
     for batch in (1, len(images)):  # the batch dimension is dynamic
         mask, tumor = model(images[:batch])
@@ -128,7 +128,7 @@ def test_exported_network_gives_the_jax_probabilities_and_its_card(tiny_data, tm
     assert not {"Expand", "Reshape", "Shape"} & set(ops), sorted(set(ops))
     # On CPUs a batch runs as one part per thread: the probabilities of one run.
     images = _slices(tiny_data)[:5]
-    whole, parts = inference.OnnxModel(path, threads=1), inference.OnnxModel(path, threads=3)
+    whole, parts = backends.OnnxModel(path, threads=1), backends.OnnxModel(path, threads=3)
     for a, b in zip(whole(images), parts(images), strict=True):
         np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
 
@@ -226,7 +226,7 @@ def test_onnx_backend_errors_name_the_fix(tmp_path):
     config.checkpoint = checkpoint
     config.inference.backend = "onnx"
     with pytest.raises(errors.CheckpointError, match="--mode=export"):
-        inference.restore(checkpoint, "onnx")
+        backends.restore(checkpoint, "onnx")
     config.inference.backend = "tensorrt"
     with pytest.raises(errors.ConfigError, match="inference.backend='tensorrt': must be one of"):
         config_schema.validate(config, "eval")
@@ -258,14 +258,14 @@ def test_export_to_a_folder_keeps_the_weights_and_meta_alone(tmp_path):
         return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
 
     assert size(tmp_path / "shared") < size(tmp_path / "run") / 2  # no optimizer state
-    assert inference.model_paths(str(tmp_path / "shared")) == [out]
+    assert backends.model_paths(str(tmp_path / "shared")) == [out]
     with pytest.raises(errors.ConfigError, match="exists; a checkpoint export writes a new"):
         config_schema.validate(config, "export")
 
 
 def test_shipped_onnx_is_the_shipped_checkpoint(tiny_data):
     """pretrained/resunet_lgg/model.onnx is the export of the checkpoint beside it."""
-    model = inference.OnnxModel(inference.find_onnx(SHIPPED))
+    model = backends.OnnxModel(backends.find_onnx(SHIPPED))
     _, meta = checkpointing.restore_model(SHIPPED)
     assert model.meta == meta
     assert model.card["detection_threshold"] == meta["val_metrics"]["detection_threshold"]
