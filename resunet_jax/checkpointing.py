@@ -33,7 +33,6 @@ The states of a workdir when training starts (`Checkpointer.restore_latest`):
 
 import contextlib
 import errno
-import functools
 import json
 import logging as logging_lib
 import os
@@ -85,6 +84,7 @@ def _manager(directory, keep: int | None = None, create: bool = True, cleanup: b
         preservation_policy=policy,
         cleanup_tmp_directories=cleanup,
     )
+    _hide_closed_loop_errors()
     return ocp.CheckpointManager(epath.Path(directory).absolute(), options=options)
 
 
@@ -162,26 +162,28 @@ class Checkpointer:
         steps = sorted(self.manager.all_steps(), reverse=True)
         for step in steps:
             try:
-                saved = self.manager.restore(
-                    step,
-                    args=ocp.args.Composite(
-                        model=ocp.args.StandardRestore(), train=ocp.args.StandardRestore()
-                    ),
-                )
+                with _orbax_failures_quiet():
+                    saved = self.manager.restore(
+                        step,
+                        args=ocp.args.Composite(
+                            model=ocp.args.StandardRestore(), train=ocp.args.StandardRestore()
+                        ),
+                    )
             except Exception as e:  # damaged files: fall back to the step before
                 logging.warning(
                     "Checkpoint step %d in %s is unreadable (%s: %s); trying an older one",
                     step,
                     self.directory,
                     type(e).__name__,
-                    str(e)[:200],
+                    _first_line(e),
                 )
                 self._set_aside(step)
                 continue
             # Readable: from here on a failure means another config, not damage.
             check_compatible(saved["model"], _model_tree(abstract_state), step)
             try:
-                restored = self.manager.restore(step, args=_restore_args(abstract_state))
+                with _orbax_failures_quiet():
+                    restored = self.manager.restore(step, args=_restore_args(abstract_state))
             except Exception as e:
                 raise CheckpointError(
                     f"checkpoint step {step} in {self.directory} does not fit this "
@@ -237,37 +239,68 @@ class _DropOrbaxRecords(logging_lib.Filter):
         return "orbax" not in record.pathname
 
 
-def _drop_closed_loop_errors(unraisable, previous):
-    if not (
-        isinstance(unraisable.exc_value, RuntimeError)
-        and "Event loop is closed" in str(unraisable.exc_value)
-    ):
-        previous(unraisable)
+class _DropUnretrieved(logging_lib.Filter):
+    def filter(self, record):
+        return "exception was never retrieved" not in record.getMessage()
+
+
+def _closed_loop(error) -> bool:
+    return isinstance(error, RuntimeError) and "Event loop is closed" in str(error)
+
+
+_closed_loop_errors_hidden = False
+
+
+def _hide_closed_loop_errors():
+    """Drops tensorstore's "Event loop is closed" reports from this process's output.
+
+    After an orbax read or write fails (a damaged step, a full disk), tensorstore's
+    pending callbacks raise that RuntimeError through `sys.excepthook` and
+    `sys.unraisablehook`, hundreds of times, until the process ends (and asyncio logs
+    their futures' exceptions as never retrieved); the failure itself
+    is reported once, by us. Installed with the first checkpoint manager, for good,
+    since the callbacks outlive the call that failed; every other error still shows.
+    """
+    global _closed_loop_errors_hidden
+    if _closed_loop_errors_hidden:
+        return
+    _closed_loop_errors_hidden = True
+    excepthook, unraisablehook = sys.excepthook, sys.unraisablehook
+
+    def filtered_excepthook(kind, value, traceback):
+        if not _closed_loop(value):
+            excepthook(kind, value, traceback)
+
+    def filtered_unraisablehook(unraisable):
+        if not _closed_loop(unraisable.exc_value):
+            unraisablehook(unraisable)
+
+    sys.excepthook, sys.unraisablehook = filtered_excepthook, filtered_unraisablehook
+    # The failed read's orbax futures, collected later, log "Task exception was never
+    # retrieved" through asyncio (which nothing else here uses).
+    logging_lib.getLogger("asyncio").addFilter(_DropUnretrieved())
 
 
 @contextlib.contextmanager
 def _orbax_failures_quiet():
-    """Keeps orbax's own reports of a failed save out of the log.
+    """Keeps orbax's own reports of a failed read or write out of the log.
 
-    A write that fails (disk full, say) makes orbax log the error with its traceback from
-    each of its threads, and tensorstore's pending callbacks raise "Event loop is closed"
-    hundreds of times until the process ends. The failure itself is re-raised as one
-    CheckpointError, so both are noise; after a failure the closed-loop errors stay
-    hidden, since the callbacks outlive the save.
+    A read or write that fails makes orbax log the error with its traceback, from each
+    of its threads; we report the failure once (a warning naming the step, or one
+    CheckpointError), so those records are noise.
     """
     absl_logger = logging_lib.getLogger("absl")
     quiet = _DropOrbaxRecords()
-    previous = sys.unraisablehook
     absl_logger.addFilter(quiet)
-    sys.unraisablehook = functools.partial(_drop_closed_loop_errors, previous=previous)
-    failed = True
     try:
         yield
-        failed = False
     finally:
         absl_logger.removeFilter(quiet)
-        if not failed:
-            sys.unraisablehook = previous
+
+
+def _first_line(error: BaseException, limit: int = 200) -> str:
+    """An exception's message cut to its first line (tensorstore's run to pages)."""
+    return (str(error).splitlines() or [""])[0][:limit]
 
 
 def _os_error(error: BaseException) -> str | None:
@@ -471,14 +504,17 @@ def restore_model(path: str) -> tuple[dict, dict]:
     for directory, step in _candidates(path):
         manager = _manager(directory, create=False)
         try:
-            restored = manager.restore(
-                step,
-                args=ocp.args.Composite(
-                    model=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore()
-                ),
-            )
+            with _orbax_failures_quiet():
+                restored = manager.restore(
+                    step,
+                    args=ocp.args.Composite(
+                        model=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore()
+                    ),
+                )
         except Exception as e:  # a damaged step: fall back to the next candidate
-            logging.warning("Checkpoint %s step %d unreadable (%s); skipped", directory, step, e)
+            logging.warning(
+                "Checkpoint %s step %d unreadable (%s); skipped", directory, step, _first_line(e)
+            )
             continue
         finally:
             manager.close()
