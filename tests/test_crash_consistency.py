@@ -101,10 +101,11 @@ def finished(tmp_path_factory):
 
 
 def _damage(workdir, step, how):
-    """Damages a step's model item: "truncate" cuts every file to a third, "garble"
-    flips bytes in its array data (the metadata stays readable, so orbax fails inside
-    tensorstore's reads)."""
-    for folder, _, files in os.walk(os.path.join(workdir, "checkpoints", str(step), "model")):
+    """Damages a step: "truncate" cuts every file of its model item to a third, "garble"
+    flips bytes in the array data of every item (the metadata stays readable, so orbax
+    fails inside tensorstore's reads, whichever item it reads first)."""
+    step_dir = os.path.join(workdir, "checkpoints", str(step))
+    for folder, _, files in os.walk(os.path.join(step_dir, "model" if how == "truncate" else "")):
         for name in files:
             path = os.path.join(folder, name)
             if how == "truncate":
