@@ -143,6 +143,11 @@ def get_config() -> ml_collections.ConfigDict:
     # an ensemble's members (and flips with eval.flip_tta; 0 for one model without):
     # <name>_pred_std.tif per .tif slice, <name>_pred_std.nii.gz per volume.
     config.predict.save_uncertainty = False
+    # Volumes (NIfTI, DICOM): bring the FLAIR's slices to the training frame (square
+    # pixels, the head at the training slices' size and place; resunet_jax/data/
+    # harmonise.py) and map the results back. The other sequences are resampled onto the
+    # FLAIR's grid either way.
+    config.predict.reframe = True
 
     # Checkpoint to evaluate / predict with ("" = the workdir's best, else latest); with
     # inference.backend=onnx an .onnx file, or a folder or workdir holding model.onnx or

@@ -28,7 +28,10 @@ Output in `WORKDIR/predict/`, mirroring the input's paths:
 - `patients.csv` and `patients.json`: one row per patient (`PATIENT_FIELDS`): tumour
   yes/no, slices with tumour, lesion volume (in mL where the voxel size is known, i.e.
   for volumes, else in pixels, as `lesion_volume_unit` says), the largest 3D connected
-  component's share of it, and the mean pixel probability over the predicted lesion.
+  component's share of it, the mean pixel probability over the predicted lesion, and
+  `notes`: what a volume is where it differs from the training data (skull-stripped,
+  not named a FLAIR, thick, non-axial or oblique slices, a sequence resampled onto the
+  FLAIR's grid or dropped, reframed; `volumes.read_volume`), "; "-separated.
 The `uncertainty` of a row (slice, volume or patient) is the mean pixel uncertainty over
 its predicted mask (`lesion_uncertainty`), empty where the mask is. Probability and
 uncertainty maps are the model's, before the slice detection gate that empties the
@@ -78,6 +81,7 @@ PATIENT_FIELDS = (
     "mask_file",
     "probability_file",
     "uncertainty_file",
+    "notes",
     "error",
 )
 
@@ -261,12 +265,25 @@ def _predict_folder(predictor, folder, paths, root, out_dir, save, rows, patient
     patients.append(_patient_row(name, folder, result))
 
 
-def _predict_volume(predictor, source, out_dir, save, rows, patients):
+def _on_input_slices(volume, result, predictor) -> inference.Prediction:
+    """A prediction on the model grid brought back onto the FLAIR's own slices: the maps
+    resampled, the masks decided there as on any slices (0.5, the same slice gate)."""
+    if volume.frame.identity:
+        return result
+    probabilities = volume.to_input_slices(result.probabilities)
+    uncertainty = volume.to_input_slices(result.uncertainty)
+    masks = postprocess.decide(probabilities, result.tumor_probabilities, predictor.threshold)
+    if predictor.postprocess == "largest_component":
+        masks = postprocess.largest_component_3d(masks)
+    return inference.Prediction(probabilities, masks, result.tumor_probabilities, uncertainty)
+
+
+def _predict_volume(predictor, source, out_dir, save, rows, patients, reframe=True):
     """Predicts one NIfTI or DICOM patient into NIfTI files; an unusable one becomes
     error rows."""
     flair = source.sequences.get("flair", "")
     try:
-        volume = volumes.read_volume(source)
+        volume = volumes.read_volume(source, reframe)
     except errors.DataError as e:
         logging.error("%s", e)
         rows.append(dict.fromkeys(CSV_FIELDS, "") | {"file": flair, "error": str(e)})
@@ -275,7 +292,7 @@ def _predict_volume(predictor, source, out_dir, save, rows, patients):
             | {"patient": source.name, "source": flair, "error": str(e)}
         )
         return
-    result = predictor.predict(volume.images)
+    result = _on_input_slices(volume, predictor.predict(volume.images), predictor)
     files = {"mask_file": os.path.join(out_dir, f"{source.name}_pred_mask.nii.gz")}
     volume.write_nifti(volume.to_input_grid(result.masks).astype(np.uint8), files["mask_file"])
     maps = {
@@ -297,7 +314,8 @@ def _predict_volume(predictor, source, out_dir, save, rows, patients):
             "error": "",
         }
     )
-    patients.append(_patient_row(source.name, volume.source, result, volume.voxel_ml, **files))
+    row = _patient_row(source.name, volume.source, result, volume.voxel_ml, **files)
+    patients.append(row | {"notes": "; ".join(volume.notes)})
 
 
 def _write_csv(path, fields, rows):
@@ -339,7 +357,8 @@ def predict(config, workdir: str) -> list[dict]:
     for folder, paths in folders.items():
         _predict_folder(predictor, folder, paths, root, out_dir, save, rows, patients)
     for source in inputs.volumes:
-        _predict_volume(predictor, source, out_dir, save, rows, patients)
+        reframe = config.predict.get("reframe", True)
+        _predict_volume(predictor, source, out_dir, save, rows, patients, reframe)
     _write_csv(os.path.join(out_dir, CSV_NAME), CSV_FIELDS, rows)
     _write_csv(os.path.join(out_dir, PATIENTS_NAME), PATIENT_FIELDS, patients)
     json_path = os.path.join(out_dir, PATIENTS_NAME.replace(".csv", ".json"))

@@ -45,9 +45,11 @@ import re
 
 import nibabel as nib
 import numpy as np
+from absl import logging
 from nibabel import orientations
 
 from resunet_jax import errors
+from resunet_jax.data import harmonise
 
 # Channel order of a model input slice, as in the LGG .tif files.
 SEQUENCES = ("pre", "flair", "post")
@@ -59,6 +61,9 @@ _ROLES = (
 )
 _GROUND_TRUTH = {"mask", "seg", "label", "labels"}
 _NIFTI = (".nii", ".nii.gz")
+# The training slices are axial, 3..6.5 mm apart; beyond these, a note says so.
+THICK_SLICES_MM = 6.5
+OBLIQUE_DEGREES = 5.0
 # Axis codes of the canonical orientation (nibabel's RAS+).
 _CANONICAL = orientations.axcodes2ornt("RAS")
 
@@ -86,12 +91,17 @@ class Volume:
 
     Attributes:
         source: the FLAIR's file or folder (named in messages and reports).
-        images: [Z, H, W, 3] uint8 axial slices (pre-contrast, FLAIR, post-contrast) in
-            the Kaggle layout (see the module docstring).
+        images: [Z, H, W, 3] uint8 axial slices (pre-contrast, FLAIR, post-contrast) on
+            the model grid (`frame`), in the Kaggle layout (see the module docstring).
         affine: [4, 4] voxel-to-RAS-mm affine of the input grid (the FLAIR's).
         header: the FLAIR's NIfTI header, None for DICOM.
         shape: the input grid's shape (X, Y, Z as stored).
         voxel_ml: one voxel's volume in mL, None when the unit is unknown.
+        frame: the model grid `images` are on (`harmonise.Frame`); `to_input_slices`
+            maps results from it back onto the FLAIR's slices.
+        notes: what the input is where it differs from the training data (skull-stripped,
+            not named a FLAIR, thick or oblique slices, a sequence resampled or dropped,
+            reframed), for patients.csv.
     """
 
     source: str
@@ -100,6 +110,13 @@ class Volume:
     header: object
     shape: tuple
     voxel_ml: float | None
+    frame: harmonise.Frame
+    notes: tuple = ()
+
+    def to_input_slices(self, values: np.ndarray) -> np.ndarray:
+        """[Z, FRAME, FRAME] maps on the model grid -> [Z, H, W] on the FLAIR's own axial
+        slices (Kaggle layout, as `to_input_grid` takes them)."""
+        return harmonise.to_input_slices(values, self.frame)
 
     def to_input_grid(self, slices: np.ndarray) -> np.ndarray:
         """[Z, H, W] per-slice results (as `images`) -> the input's array layout."""
@@ -219,7 +236,7 @@ def to_uint8(image: np.ndarray, path: str) -> np.ndarray:
 
 
 def _read_nifti(path: str):
-    """(data [X, Y, Z] as stored, scaled by the header's slope; affine; header)."""
+    """(data [X, Y, Z] as stored, scaled by the header's slope; affine; header; "")."""
     try:
         image = nib.load(path)
         data = np.asanyarray(image.dataobj)
@@ -227,12 +244,12 @@ def _read_nifti(path: str):
         raise errors.DataError(
             f"{path}: not a readable NIfTI file ({type(e).__name__}: {e})"
         ) from e
-    return data, image.affine, image.header
+    return data, image.affine, image.header, ""
 
 
 def _read_dicom(folder: str):
-    """(data [columns, rows, slices] in slice order; RAS affine; None) of the folder's
-    one DICOM series.
+    """(data [columns, rows, slices] in slice order; RAS affine; None; its
+    SeriesDescription) of the folder's one DICOM series.
 
     Raises:
         errors.DataError: unreadable files, no image, several series, multi-frame images,
@@ -324,11 +341,15 @@ def _read_dicom(folder: str):
     lps[:3, 1] = iop[3:] * row_spacing
     lps[:3, 2] = (positions[-1] - positions[0]) / (len(positions) - 1)
     lps[:3, 3] = positions[0]
-    return data, np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps, None  # DICOM's LPS -> RAS
+    ras = np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps  # DICOM's LPS -> RAS
+    return data, ras, None, str(first.get("SeriesDescription", ""))
 
 
 def _read_source(path: str):
-    data, affine, header = _read_dicom(path) if os.path.isdir(path) else _read_nifti(path)
+    """(data [X, Y, Z], affine, NIfTI header or None, DICOM SeriesDescription or "")."""
+    data, affine, header, description = (
+        _read_dicom(path) if os.path.isdir(path) else _read_nifti(path)
+    )
     if data.ndim == 4 and data.shape[3] == 1:  # a 3-D volume stored with a unit 4th axis
         data = data[..., 0]
     if data.ndim != 3 or min(data.shape) < 2:
@@ -336,7 +357,7 @@ def _read_source(path: str):
             f"{path}: a {data.ndim}-D image of shape {data.shape}; expected one 3-D volume "
             "per sequence (split 4-D series; a single slice is not a volume)"
         )
-    return data, affine, header
+    return data, affine, header, description
 
 
 def _voxel_ml(affine, header) -> float | None:
@@ -355,9 +376,33 @@ def _axial_slices(data: np.ndarray, affine) -> np.ndarray:
     return canonical.transpose(2, 1, 0)[:, ::-1, ::-1]
 
 
-def read_volume(source: VolumeInput) -> Volume:
-    """Reads a patient's sequences, checks that they share one grid, and makes the
-    [Z, H, W, 3] uint8 model slices (missing sequences filled with the FLAIR).
+def _geometry_notes(affine) -> list[str]:
+    """Notes on the FLAIR's slices where they differ from the training slices (axial,
+    3..6.5 mm apart): thick, non-axial or oblique slices."""
+    notes = []
+    normal = np.cross(affine[:3, 0], affine[:3, 1])
+    slice_axis = "RAS"[int(np.argmax(np.abs(normal)))]
+    if slice_axis != "S":
+        plane = {"R": "sagittal", "A": "coronal"}[slice_axis]
+        notes.append(f"{plane} slices, cut into axial ones")
+    thickness = float(np.linalg.norm(affine[:3, 2]))
+    if thickness > THICK_SLICES_MM:
+        notes.append(f"thick slices ({thickness:.1f} mm)")
+    tilt = np.degrees(np.arccos(np.abs(normal).max() / np.linalg.norm(normal)))
+    if tilt > OBLIQUE_DEGREES:
+        notes.append(f"oblique slices (tilted {tilt:.0f} degrees)")
+    return notes
+
+
+def read_volume(source: VolumeInput, reframe: bool = True) -> Volume:
+    """Reads a patient's sequences onto one model grid (`harmonise`) as [Z, H, W, 3]
+    uint8 model slices (missing or dropped sequences filled with the FLAIR).
+
+    Args:
+        source: the patient's sources.
+        reframe: bring the FLAIR's slices to the training frame (pixel size and head
+            position, `harmonise.frame_for`); False keeps its own in-plane grid (the
+            other sequences are still resampled onto it).
 
     Raises:
         errors.DataError: naming the file and the problem.
@@ -365,22 +410,52 @@ def read_volume(source: VolumeInput) -> Volume:
     if source.problem:
         raise errors.DataError(source.problem)
     flair_path = source.sequences["flair"]
-    flair, affine, header = _read_source(flair_path)
-    channels = {}
-    for role in SEQUENCES:
+    flair, affine, header, description = _read_source(flair_path)
+    flair = harmonise.background_to_minimum(flair)
+    flair_image = harmonise.canonical(nib.Nifti1Image(to_uint8(flair, flair_path), affine))
+    head = harmonise.measure_head(np.asarray(flair_image.dataobj))
+    notes = []
+    stripped = harmonise.is_skull_stripped(np.asarray(flair_image.dataobj), head)
+    if stripped:
+        notes.append("skull-stripped")
+    if role_of(flair_path) != "flair" and not (_name_parts(description) & _ROLES[0][1]):
+        named = f"{os.path.basename(os.path.normpath(flair_path))}" + (
+            f", series {description!r}" if description else ""
+        )
+        notes.append(f"not named a FLAIR ({named}); the model reads FLAIR")
+    notes += _geometry_notes(affine)
+    frame = harmonise.frame_for(flair_image, head, stripped, reframe)
+    if not frame.identity and reframe:
+        notes.append(
+            f"reframed to {harmonise.FRAME} x {harmonise.FRAME} at {frame.pixel_mm:.2f} mm pixels"
+        )
+    channels = {"flair": harmonise.resample(flair_image, frame)}
+    head_on_grid = harmonise.measure_head(channels["flair"])
+    for role in ("pre", "post"):
         path = source.sequences.get(role)
         if path is None:
             continue
-        data, this_affine = (flair, affine) if role == "flair" else _read_source(path)[:2]
-        if data.shape != flair.shape or not np.allclose(this_affine, affine, atol=1e-3):
-            raise errors.DataError(
-                f"{path}: its grid (shape {data.shape}, affine "
-                f"{np.round(this_affine, 3).tolist()}) differs from the FLAIR's {flair_path} "
-                f"(shape {flair.shape}, affine {np.round(affine, 3).tolist()}); "
-                "resample the sequences to one grid"
-            )
-        channels[role] = _axial_slices(to_uint8(data, path), affine)
-    images = np.stack([channels.get(role, channels["flair"]) for role in SEQUENCES], axis=-1)
+        data, this_affine = _read_source(path)[:2]
+        data = harmonise.background_to_minimum(data)
+        image = harmonise.canonical(nib.Nifti1Image(to_uint8(data, path), this_affine))
+        same_grid = data.shape == flair.shape and np.allclose(this_affine, affine, atol=1e-3)
+        if not same_grid:
+            share = harmonise.covered_share(image, frame, head_on_grid)
+            if share < harmonise.MIN_COVERAGE:
+                logging.warning(
+                    "%s: covers %.0f%% of the FLAIR's head; predicting without it",
+                    path,
+                    share * 100,
+                )
+                notes.append(f"{role} dropped (covers {share:.0%} of the FLAIR's head)")
+                continue
+            notes.append(f"{role} resampled onto the FLAIR's grid")
+        channels[role] = harmonise.resample(image, frame)
+    slices = {
+        role: _axial_slices(np.round(v).astype(np.uint8), frame.affine)
+        for role, v in channels.items()
+    }
+    images = np.stack([slices.get(role, slices["flair"]) for role in SEQUENCES], axis=-1)
     return Volume(
         source=flair_path,
         images=np.ascontiguousarray(images),
@@ -388,6 +463,8 @@ def read_volume(source: VolumeInput) -> Volume:
         header=header,
         shape=flair.shape,
         voxel_ml=_voxel_ml(affine, header),
+        frame=frame,
+        notes=tuple(notes),
     )
 
 
