@@ -93,6 +93,14 @@ def get_config() -> ml_collections.ConfigDict:
     # data fill a sequence that was not acquired (some patients lack one). Without it the
     # model needs all three sequences (docs/experiments.md). 0 = off.
     config.augment.missing_sequences = 0.0
+    # Scanner domains (issue #47; resunet_jax/augment.py's docstring), so that scans from
+    # elsewhere are inside the training distribution. All 0 = off (as the recipe trained);
+    # configs/domain_aug.py sets the fine-tune's values.
+    config.augment.fov = 0.0  # lowest zoom (e.g. 0.75: the head smaller in frame) + shift
+    config.augment.blur = 0.0  # probability of a thick-slice Gaussian blur, σ <= 1.5 px
+    config.augment.bias_field = 0.0  # strength b of a smooth multiplicative field <= e^b
+    config.augment.window = 0.0  # per-sequence window: lo, hi moved up to ±w of the range
+    config.augment.skull_strip = 0.0  # probability of a skull-stripped slice
 
     config.loss = "dice_bce"  # focal_tversky (the seed's) | dice | bce | dice_bce | slice_dice_bce
     config.detection_loss_weight = 0.5  # weight of the detection head's BCE

@@ -108,10 +108,20 @@ def validate(config: ml_collections.ConfigDict, mode: str) -> None:
         "augment.scale",
         "augment.intensity",
         "augment.gamma",
+        "augment.bias_field",
     ):
         _at_least(config, field, 0)
-    for field in ("augment.missing_sequences", "data.tumor_fraction"):
+    for field in (
+        "augment.missing_sequences",
+        "augment.blur",
+        "augment.skull_strip",
+        "data.tumor_fraction",
+    ):
         _probability(config, field)
+    if not 0 <= config.augment.fov < 1:
+        _fail(config, "augment.fov", "must be in [0, 1): the lowest zoom, 0 = off")
+    if not 0 <= config.augment.window < 0.5:
+        _fail(config, "augment.window", "must be in [0, 0.5), a share of the intensity range")
     if not 0 <= config.ema_decay < 1:
         _fail(config, "ema_decay", "must be in [0, 1)")
     if not all(isinstance(f, int) and f >= 1 for f in config.model.features):

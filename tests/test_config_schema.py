@@ -42,6 +42,11 @@ def _error_lines(log: str) -> list[str]:
         ("eval.postprocess", "biggest", "predict"),
         ("eval.missing_sequences", "flair", "eval"),
         ("augment.missing_sequences", -0.1, "train"),
+        ("augment.skull_strip", 1.5, "train"),
+        ("augment.blur", -0.2, "train"),
+        ("augment.bias_field", -0.3, "train"),
+        ("augment.fov", 1.2, "train"),
+        ("augment.window", 0.5, "train"),
         ("predict.input", "", "predict"),
     ],
 )
@@ -59,10 +64,10 @@ def test_bad_value_is_refused_naming_the_field(field, value, mode):
 
 
 def test_shipped_configs_pass():
-    from configs import resunet
+    from configs import domain_aug, resunet
 
     for mode in config_schema.MODES:
-        for config in (resunet.get_config(), tiny.get_config()):
+        for config in (resunet.get_config(), tiny.get_config(), domain_aug.get_config()):
             config.predict.input = "scans"
             config_schema.validate(config, mode)
 
