@@ -243,7 +243,8 @@ def main():
                 with open(os.path.join(out, predict.PATIENTS_NAME)) as f:
                     for row in csv.DictReader(f):
                         for note in filter(None, row["notes"].split("; ")):
-                            notes[kind][note.split(" (")[0]] += 1
+                            # The note's kind, without its numbers (pixel size, share).
+                            notes[kind][note.split(" (")[0].split(" at ")[0]] += 1
             for pid in ids:
                 if kind == "tif":
                     pred = np.stack(
