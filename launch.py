@@ -75,5 +75,16 @@ def main(argv):
         jax.distributed.shutdown()
 
 
+def parse_flags(argv):
+    """absl's flag parsing, after a check of the --config.KEY overrides: a mistyped key
+    gets one line naming it and the nearest valid one (ml_collections would raise)."""
+    try:
+        config_schema.check_overrides(argv)
+    except errors.ConfigError as e:
+        print(f"launch.py: {e}", file=sys.stderr)
+        sys.exit(2)
+    return app.parse_flags_with_usage(argv)
+
+
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

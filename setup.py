@@ -29,6 +29,12 @@ setup(
         "ml-collections",
         "matplotlib",
         "tensorboard",
+        "tqdm",  # progress bars on a terminal (progress.py)
     ],
-    extras_require={"onnx": ONNX, "test": ["pytest", "pytest-xdist", "ruff", *ONNX]},
+    # The report test renders predict/index.html in Debian's chromium (.ci/run installs it).
+    extras_require={
+        "onnx": ONNX,
+        "test": ["pytest", "pytest-xdist", "ruff", "selenium", *ONNX],
+    },
+    entry_points={"console_scripts": ["resunet-predict=resunet_jax.cli:main"]},
 )

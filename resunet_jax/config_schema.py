@@ -7,6 +7,8 @@ pool in a shape error after the data are prepared, an unknown loss after the wor
 is made.
 """
 
+import difflib
+import importlib.util
 import json
 import os
 
@@ -271,3 +273,54 @@ def plain(value):
     if isinstance(value, ml_collections.ConfigDict):
         value = value.to_dict()
     return json.loads(json.dumps(value))
+
+
+def config_keys(config) -> list[str]:
+    """Every leaf key of a config (or dict), dotted: ["seed", "data.dir", ...]."""
+    keys = []
+    for name, value in config.items():
+        if isinstance(value, (dict, ml_collections.ConfigDict)) and value:
+            keys += [f"{name}.{k}" for k in config_keys(value)]
+        else:
+            keys.append(name)
+    return keys
+
+
+def check_key(config, key: str) -> None:
+    """Raises ConfigError naming `key` (dotted) and the nearest valid one if `config` has
+    no such field: a mistyped override costs one line, not a traceback."""
+    node = config
+    for part in key.split("."):
+        if not isinstance(node, (dict, ml_collections.ConfigDict)) or part not in node:
+            keys = config_keys(config)
+            near = difflib.get_close_matches(key, keys, n=1, cutoff=0.5)
+            hint = f"; did you mean {near[0]}?" if near else ""
+            raise ConfigError(f"config.{key}: no such config key{hint}")
+        node = node[part]
+
+
+def load_config_file(path: str) -> ml_collections.ConfigDict:
+    """The config of a config file (`PATH[:ARG]`, as launch.py's --config takes it)."""
+    path, _, arg = path.partition(":")
+    if not os.path.isfile(path):
+        raise ConfigError(f"{path}: no such config file")
+    spec = importlib.util.spec_from_file_location("_resunet_config", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(arg) if arg else module.get_config()
+
+
+def check_overrides(argv: list[str]) -> None:
+    """Checks every `--config.KEY=...` of a launch.py command line against its config
+    file (`--config=PATH[:ARG]`) before the flags are parsed.
+
+    Raises:
+        ConfigError: a key the config does not have (`check_key`), or no config file.
+    """
+    path = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
+    overrides = [a[len("--config.") :].split("=", 1)[0] for a in argv if a.startswith("--config.")]
+    if path is None or not overrides:
+        return  # absl names a missing --config
+    config = load_config_file(path)
+    for key in overrides:
+        check_key(config, key)

@@ -28,6 +28,8 @@ from resunet_jax import (
     inputs,
     metrics,
     postprocess,
+    progress,
+    report,
     visualize,
 )
 from resunet_jax.data import arrays, sources
@@ -53,6 +55,7 @@ PATIENT_FIELDS = (  # per_patient.csv
     "pred_area",
     "intersection",
     "uncertainty",
+    "preview_file",
 )
 
 
@@ -110,8 +113,13 @@ class Evaluator:
         stats = None if self.stats is None else self.stats[rows]
         return inputs.model_input(image, stats, self.missing, self.normalization)
 
-    def predict(self, model: backends.Model) -> dict:
+    def predict(self, model: backends.Model, progress_name: str = "") -> dict:
         """Per-slice values of every slice, judged at the slice's original size.
+
+        Args:
+            model: the model.
+            progress_name: if set, the loop's progress is shown under this name
+                (`progress.track`; training's validations show none).
 
         Returns:
             {"patient_id", "slice_index", "tumor_prob", and "intersection", "pred_area",
@@ -122,7 +130,11 @@ class Evaluator:
         """
         true_masks = self.slices["original_mask"] > 0
         columns = collections.defaultdict(list)
-        for rows in self._batches():
+        batches = list(self._batches())
+        if progress_name:
+            unit = f"batches of {self.batch_size} slices"
+            batches = progress.track(batches, progress_name, unit=unit)
+        for rows in batches:
             probs, tumor, std = model.probabilities(self.inputs(rows))
             sizes = self.slices["orig_height"][rows], self.slices["orig_width"][rows]
             small = postprocess.masks_at_original_size(probs, *sizes)
@@ -142,18 +154,32 @@ class Evaluator:
         )
         return out
 
-    def run(self, model: backends.Model, threshold: float | None = None) -> tuple[dict, dict]:
+    def run(
+        self,
+        model: backends.Model,
+        threshold: float | None = None,
+        progress_name: str = "",
+        preview_dir: str = "",
+    ) -> tuple[dict, dict]:
         """Evaluates; `threshold` None selects the detection threshold on these patients.
 
         Metrics follow `eval.postprocess`; `metrics["postprocess_comparison"]` gives the
         main figures with and without the 3D largest-component post-processing.
+
+        Args:
+            model: the model.
+            threshold: the detection threshold.
+            progress_name: shows the progress under this name (`predict`).
+            preview_dir: if set, writes each patient's preview there
+                (`<patient>_preview.png`: the prediction and the reference outlined on
+                the FLAIR, `visualize.volume_preview`) and names it in its row.
 
         Returns:
             (metrics, per-patient rows) as `metrics.summarize` defines them, with each
             patient's "uncertainty" (the module docstring) and its mean over the
             patients with a predicted lesion, "uncertainty_per_volume_mean".
         """
-        cols = self.predict(model)
+        cols = self.predict(model, progress_name)
         true_tumor = cols["true_area"] > 0
         if threshold is None:
             threshold = metrics.select_threshold(cols["tumor_prob"], true_tumor)
@@ -182,7 +208,22 @@ class Evaluator:
         summary["postprocess_comparison"] = {
             name: {k: r[0][k] for k in COMPARED_METRICS} for name, r in results.items()
         }
+        if preview_dir:
+            final = largest if self.postprocess == "largest_component" else gated
+            self._previews(preview_dir, patients, final, cols["true_mask"])
         return summary, patients
+
+    def _previews(self, out_dir: str, patients: dict, masks, true_masks):
+        """Writes each patient's preview (`run`) from its final masks [N, H, W]."""
+        os.makedirs(out_dir, exist_ok=True)
+        for pid, row in patients.items():
+            rows = self.slices["patient_id"] == pid
+            path = os.path.join(out_dir, f"{pid}_preview.png")
+            dice = "no tumour" if row["true_area"] == 0 else f"Dice {row['dice']:.3f}"
+            title = f"{pid}: {dice}; reference red, prediction green"
+            flair = self.slices["image"][rows, ..., 1]
+            visualize.volume_preview(flair, masks[rows], path, title, true_masks[rows])
+            row["preview_file"] = path
 
     def results_grid(self, model: backends.Model, threshold: float, num_rows: int = 6):
         """The results grid (visualize.results_grid) of the first `num_rows` slices:
@@ -316,7 +357,11 @@ def evaluate_checkpoint(config, workdir: str, source: sources.Source | None = No
     # The detection threshold chosen on the validation patients during training (an
     # ensemble's: the mean of its members').
     threshold = model.threshold
-    summary, patients = evaluator.run(model, threshold)
+    eval_dir = os.path.join(workdir, "eval")
+    if jax.process_index() == 0:  # the previews are written into a new eval/
+        keep_earlier(eval_dir, "metrics.json")
+    previews = eval_dir if jax.process_index() == 0 else ""
+    summary, patients = evaluator.run(model, threshold, "eval", previews)
     summary.update(
         checkpoint_step=int(meta["step"]),
         checkpoint=",".join(os.path.abspath(p) for p in model.paths),
@@ -331,7 +376,17 @@ def evaluate_checkpoint(config, workdir: str, source: sources.Source | None = No
         summary["ensemble_members"] = meta["members"]
     if jax.process_index() == 0:
         grid = evaluator.results_grid(model, threshold)
-        write_report(os.path.join(workdir, "eval"), summary, patients, grid)
+        write_report(eval_dir, summary, patients, grid)
+        dice = summary["dice_per_volume_mean"]
+        dice = "–" if dice is None else f"{dice:.3f}"
+        report.write_index(
+            eval_dir,
+            [dict(row, patient_id=pid) for pid, row in patients.items()],
+            "eval",
+            f"Evaluation: {source.data_dir}",
+            f"{summary['num_patients']} patients, per-volume Dice mean {dice}; "
+            f"checkpoint {summary['checkpoint']}",
+        )
     logging.info(
         "Evaluation of step %d on %d patients: %s",
         summary["checkpoint_step"],
@@ -401,7 +456,8 @@ def cross_validate(config, workdir: str) -> dict:
                 )
             fold_of[pid] = fold
         threshold = model.threshold
-        summary, rows = Evaluator(source, fold_config, patient_ids).run(model, threshold)
+        evaluator = Evaluator(source, fold_config, patient_ids)
+        summary, rows = evaluator.run(model, threshold, f"cv fold {fold + 1}/{len(paths)}")
         folds.append(
             {
                 "fold": fold,

@@ -52,7 +52,7 @@ import tifffile
 from absl import logging
 from jax.experimental import multihost_utils
 
-from resunet_jax import errors, inference, postprocess, visualize
+from resunet_jax import errors, inference, postprocess, progress, report, visualize
 from resunet_jax.data import lgg, volumes
 from resunet_jax.workdir import atomic_write, check_writable, keep_earlier
 
@@ -81,6 +81,7 @@ PATIENT_FIELDS = (
     "mask_file",
     "probability_file",
     "uncertainty_file",
+    "preview_file",
     "notes",
     "error",
 )
@@ -245,6 +246,24 @@ def _patient_row(name, source, result, voxel_ml=None, **files) -> dict:
     }
 
 
+def _with_preview(row: dict, flair, masks, out_dir: str) -> dict:
+    """`row` with its preview PNG written (`visualize.volume_preview`): the patient's
+    slices with tumour, the prediction outlined on the FLAIR [Z, H, W]."""
+    name = re.sub(r"\.tiff?$", "", row["patient"], flags=re.IGNORECASE)  # one slice's patient
+    path = os.path.join(out_dir, f"{name}_preview.png")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    title = (
+        f"{row['patient']}: lesion {row['lesion_volume']} {row['lesion_volume_unit']}, "
+        f"{row['slices_with_tumor']} of {row['num_slices']} slices with tumour"
+    )
+    if row.get("review") not in (None, ""):
+        title += ", REVIEW" if row["review"] else ""
+    if row.get("notes"):
+        title += f"\n{row['notes']}"
+    visualize.volume_preview(flair, masks, path, title)
+    return row | {"preview_file": path}
+
+
 def _predict_folder(predictor, folder, paths, root, out_dir, save, rows, patients):
     """Predicts one folder's .tif slices (one patient's volume, in natural order);
     unusable files become error rows."""
@@ -262,7 +281,10 @@ def _predict_folder(predictor, folder, paths, root, out_dir, save, rows, patient
     for i, (path, image) in enumerate(read):
         rows.append(_write_prediction(path, image, result, i, base, out_dir, save))
     name = volumes.output_name(folder, root)
-    patients.append(_patient_row(name, folder, result))
+    flair = np.zeros(result.masks.shape, np.uint8)  # slices of any size, padded as the masks
+    for i, (_, image) in enumerate(read):
+        flair[i, : image.shape[0], : image.shape[1]] = image[..., 1]
+    patients.append(_with_preview(_patient_row(name, folder, result), flair, result.masks, out_dir))
 
 
 def _on_input_slices(volume, result, predictor) -> inference.Prediction:
@@ -315,7 +337,11 @@ def _predict_volume(predictor, source, out_dir, save, rows, patients, reframe=Tr
         }
     )
     row = _patient_row(source.name, volume.source, result, volume.voxel_ml, **files)
-    patients.append(row | {"notes": "; ".join(volume.notes)})
+    flair = volume.images[..., 1]
+    if not volume.frame.identity:
+        flair = volume.to_input_slices(flair.astype(np.float32))
+    row = row | {"notes": "; ".join(volume.notes)}
+    patients.append(_with_preview(row, flair, result.masks, out_dir))
 
 
 def _write_csv(path, fields, rows):
@@ -325,18 +351,24 @@ def _write_csv(path, fields, rows):
         writer.writerows(rows)
 
 
-def predict(config, workdir: str) -> list[dict]:
+def predict(config, workdir: str, out_dir: str = "") -> list[dict]:
     """Predicts every input under `config.predict.input` into `workdir/predict/`.
+
+    Args:
+        config: run config.
+        workdir: run directory (the checkpoint if `config.checkpoint` is not set).
+        out_dir: the output folder instead of `workdir/predict/` (the console command's
+            `-o`); an earlier prediction there is moved aside as in the workdir.
 
     Returns:
         The predictions.csv rows.
     """
+    out_dir = out_dir or os.path.join(workdir, "predict")
     if jax.process_index() == 0:  # before any prediction, not after them
-        check_writable(workdir)
+        check_writable(os.path.dirname(os.path.abspath(out_dir)))
     predictor = inference.Predictor.from_checkpoint(config.checkpoint or workdir, config)
     root = config.predict.input
     inputs = find_inputs(root)
-    out_dir = os.path.join(workdir, "predict")
     if jax.process_index() == 0:
         keep_earlier(out_dir, CSV_NAME)
     if jax.process_count() > 1:  # every process writes the same files: none before the move
@@ -354,16 +386,20 @@ def predict(config, workdir: str) -> list[dict]:
     folders = {}
     for path in inputs.slices:
         folders.setdefault(os.path.dirname(path), []).append(path)
-    for folder, paths in folders.items():
-        _predict_folder(predictor, folder, paths, root, out_dir, save, rows, patients)
-    for source in inputs.volumes:
-        reframe = config.predict.get("reframe", True)
-        _predict_volume(predictor, source, out_dir, save, rows, patients, reframe)
+    patients_in = [*folders.items(), *inputs.volumes]
+    for item in progress.track(patients_in, "predict", unit="patients"):
+        if isinstance(item, tuple):  # a folder of .tif slices
+            _predict_folder(predictor, *item, root, out_dir, save, rows, patients)
+        else:
+            reframe = config.predict.get("reframe", True)
+            _predict_volume(predictor, item, out_dir, save, rows, patients, reframe)
     _write_csv(os.path.join(out_dir, CSV_NAME), CSV_FIELDS, rows)
     _write_csv(os.path.join(out_dir, PATIENTS_NAME), PATIENT_FIELDS, patients)
     json_path = os.path.join(out_dir, PATIENTS_NAME.replace(".csv", ".json"))
     with atomic_write(json_path) as f:
         json.dump(patients, f, indent=2)
+    model = config.checkpoint or workdir
+    report.write_index(out_dir, patients, "predict", f"Predictions: {root}", f"model: {model}")
     failed = sum(1 for r in rows if r["error"])
     logging.info(
         "Predicted %d inputs (%d with tumour, %d failed) of %d patients into %s",

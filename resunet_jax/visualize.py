@@ -111,3 +111,58 @@ def overlay_png(image, mask, path: str):
 def save_png(array, path: str):
     """Writes an [H, W, 3] uint8 array as a PNG."""
     mpl_image.imsave(path, array)
+
+
+def preview_slices(masks, max_slices: int = 6) -> np.ndarray:
+    """Indices of the slices a preview shows: up to `max_slices` evenly spaced over the
+    slices with tumour in `masks` [Z, H, W] (any of them), always with the largest one;
+    the middle slices if none has any."""
+    area = np.asarray(masks).reshape(len(masks), -1).sum(axis=1)
+    tumour = np.flatnonzero(area)
+    if not len(tumour):
+        middle = len(masks) // 2
+        return np.arange(max(0, middle - 1), min(len(masks), middle + 2))
+    steps = np.linspace(0, len(tumour) - 1, min(max_slices, len(tumour))).round()
+    picked = tumour[steps.astype(int)]
+    picked = set(picked.tolist())
+    if int(tumour[np.argmax(area[tumour])]) not in picked:
+        picked.discard(min(picked, key=lambda z: area[z]))
+        picked.add(int(tumour[np.argmax(area[tumour])]))
+    return np.array(sorted(picked))
+
+
+def volume_preview(flair, masks, path: str, title: str, reference=None, max_slices: int = 6):
+    """Writes a patient's preview PNG: the slices with tumour (`preview_slices`), the
+    prediction outlined in green on the FLAIR (and the reference in red, if given).
+
+    Args:
+        flair: [Z, h, w] FLAIR slices (any numeric type; each shown over its own range).
+            May be smaller than the masks (the model's input side): it is stretched
+            over the masks' extent.
+        masks: [Z, H, W] bool predicted masks.
+        path: output PNG path.
+        title: figure title (patient, lesion volume, review flag, notes).
+        reference: optional [Z, H, W] bool ground truth.
+        max_slices: most slices shown.
+    """
+    masks = np.asarray(masks, bool)
+    shown = preview_slices(masks if reference is None else masks | reference, max_slices)
+    height, width = masks.shape[1:]
+    fig = _figure(figsize=(2.4 * len(shown), 2.9))
+    axes = fig.subplots(1, len(shown), squeeze=False)[0]
+    extent = (0, width, height, 0)  # image and outlines on the masks' pixel grid
+    x, y = np.arange(width) + 0.5, np.arange(height) + 0.5  # pixel centres
+    for ax, z in zip(axes, shown, strict=True):
+        ax.imshow(flair[z], cmap="gray", extent=extent, interpolation="bilinear")
+        for mask, color in ((reference, "red"), (masks, "lime")):
+            if mask is not None and mask[z].any():
+                outline = mask[z].astype(np.float32)
+                ax.contour(x, y, outline, levels=[0.5], colors=color, linewidths=1)
+        ax.set_xlim(0, width)
+        ax.set_ylim(height, 0)
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.set_title(f"slice {z}", fontsize=8)
+    fig.suptitle(title, fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)

@@ -117,6 +117,8 @@ def test_predict_handles_user_inputs_and_reports_bad_files(tmp_path, exported_mo
         *overlay,
         "gray_2_pred_mask.tif",
         "gray_2_pred_prob.tif",
+        "gray_2_preview.png",
+        "index.html",
         "patients.csv",
         "patients.json",
         "predictions.csv",

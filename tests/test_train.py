@@ -1,3 +1,4 @@
+import csv
 import functools
 import json
 import os
@@ -227,10 +228,19 @@ def test_launch_trains_evaluates_and_resumes(tmp_path):
     assert os.path.exists(os.path.join(workdir, "eval", "per_patient.csv"))
     assert os.path.exists(os.path.join(workdir, "eval", "per_patient_dice.png"))
     assert os.path.exists(os.path.join(workdir, "eval", "results_grid.png"))
+    # The report page: a row and a preview (reference and prediction) per patient.
+    with open(os.path.join(workdir, "eval", "per_patient.csv")) as f:
+        previews = [r["preview_file"] for r in csv.DictReader(f)]
+    assert len(previews) == 2 and all(os.path.isfile(p) for p in previews)
+    with open(os.path.join(workdir, "eval", "index.html")) as f:
+        page = f.read()
+    assert page.count('<tbody class="patient') == 2
+    assert all(f'src="{os.path.basename(p)}"' in page for p in previews)
 
     # --mode=eval restores the same checkpoint and reproduces the final evaluation; the
     # training's report is kept beside the new one, not overwritten.
     log = _launch(workdir, "--mode=eval")
+    assert re.search(r"eval: (\d+)/\1 batches of \d+ slices \(100%\)", log)  # progress lines
     with open(os.path.join(workdir, "eval", "metrics.json")) as f:
         assert json.load(f) == trained
     (kept,) = re.findall(r"Kept the earlier eval in (\S+)", log)

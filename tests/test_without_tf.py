@@ -56,8 +56,11 @@ def test_eval_and_predict_without_tensorflow_write_what_they_write_with_it(
         with open(os.path.join(workdir, "eval", "metrics.json")) as f:
             outputs[tensorflow] = {
                 "metrics": json.load(f),
-                "patients": _read_csv(os.path.join(workdir, "eval", "per_patient.csv")),
                 # Less the output paths, which name the workdir.
+                "patients": [
+                    dict(row, preview_file=os.path.relpath(row["preview_file"], workdir))
+                    for row in _read_csv(os.path.join(workdir, "eval", "per_patient.csv"))
+                ],
                 "predictions": [
                     dict(row, mask_file=os.path.relpath(row["mask_file"], workdir))
                     for row in _read_csv(os.path.join(workdir, "predict", "predictions.csv"))
