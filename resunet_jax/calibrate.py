@@ -207,6 +207,7 @@ def calibrate(config, workdir: str) -> dict:
         tables_by_fold.append(tables)
         own_rules.append(model.threshold)
     tables = [t for fold in tables_by_fold for t in fold]
+    target = config.checkpoint or workdir
     rate = config.calibrate.review_rate
     chosen = choose(tables, rate)
     # Today's rule for comparison: each member gates at its own detection threshold (an
@@ -223,8 +224,9 @@ def calibrate(config, workdir: str) -> dict:
         "flip_tta": bool(config.eval.flip_tta),
         "chosen_on": {
             "patients": len(tables),
-            "models": [os.path.abspath(p) for p in paths],
-            "data_dir": source.data_dir,
+            # Relative to the calibrated folder, so that it can be moved or shipped.
+            "models": [os.path.relpath(p, target) for p in paths],
+            "data_dir": os.path.basename(os.path.normpath(source.data_dir)),
             "how": "each model predicts the patients of data_dir it did not train on; the "
             "detection threshold, pixel threshold and post-processing with the best mean "
             "per-volume Dice over them all; the review threshold the "
@@ -250,7 +252,6 @@ def calibrate(config, workdir: str) -> dict:
             writer = csv.DictWriter(f, list(rows[0]))
             writer.writeheader()
             writer.writerows(rows)
-        target = config.checkpoint or workdir
         if "," not in target and os.path.isdir(target):
             with atomic_write(os.path.join(target, backends.CALIBRATION_NAME)) as f:
                 json.dump(calibration, f, indent=2)
