@@ -12,7 +12,7 @@ from absl import app, flags, logging
 from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
-from resunet_jax import config_schema, errors, evaluate, export, predict, train
+from resunet_jax import calibrate, config_schema, errors, evaluate, export, predict, train
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config file (ml_collections).")
@@ -23,8 +23,9 @@ flags.DEFINE_enum(
     list(config_schema.MODES),
     "train (resumes by itself), eval (restores the best checkpoint, writes WORKDIR/eval/), "
     "predict (--config.predict.input=PATH -> WORKDIR/predict/), export (the checkpoint "
-    "as ONNX -> WORKDIR/export/model.onnx) or cv (the runs of k folds in --config.checkpoint, "
-    "each scored on its own fold -> WORKDIR/cv/).",
+    "as ONNX -> WORKDIR/export/model.onnx), cv (the runs of k folds in --config.checkpoint, "
+    "each scored on its own fold -> WORKDIR/cv/) or calibrate (thresholds and the review "
+    "rule chosen out-of-fold -> calibration.json beside the model, WORKDIR/calibrate/).",
 )
 flags.mark_flags_as_required(["config", "workdir"])
 
@@ -58,6 +59,7 @@ def main(argv):
         "predict": predict.predict,
         "export": export.export,
         "cv": evaluate.cross_validate,
+        "calibrate": calibrate.calibrate,
     }[FLAGS.mode]
     try:
         # Before anything is written: a bad value costs one line, not a run.

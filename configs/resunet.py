@@ -139,6 +139,15 @@ def get_config() -> ml_collections.ConfigDict:
     # "pre" | "post" | "both": evaluate as if that sequence (pre- or post-contrast) had
     # not been acquired, its channel filled with the FLAIR as the LGG data do. "" = as is.
     config.eval.missing_sequences = ""
+    # Use the calibration.json beside the model (--mode=calibrate: detection and pixel
+    # thresholds, post-processing and review rule chosen out-of-fold) when it was chosen
+    # with the same eval.flip_tta.
+    config.eval.calibration = True
+
+    # --mode=calibrate (resunet_jax/calibrate.py): the share of out-of-fold patients the
+    # review flag is set to flag (the most uncertain ones).
+    config.calibrate = ml_collections.ConfigDict()
+    config.calibrate.review_rate = 0.2
 
     config.predict = ml_collections.ConfigDict()
     # --mode=predict input: a .tif or NIfTI file, a DICOM series folder, or a folder of them

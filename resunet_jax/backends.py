@@ -26,7 +26,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from resunet_jax import checkpointing, config_schema, errors, models, parallel
+from resunet_jax import checkpointing, config_schema, errors, models, parallel, postprocess
 
 # The exported graph (export.py writes it, OnnxModel reads it): file name, metadata_props
 # keys, input and output names.
@@ -35,6 +35,8 @@ META_KEY = "resunet_jax.meta"
 CARD_KEY = "resunet_jax.card"
 INPUT_NAME = "image"
 OUTPUT_NAMES = ("mask", "tumor")
+# The thresholds `--mode=calibrate` chose out-of-fold, beside the model (calibrate.py).
+CALIBRATION_NAME = "calibration.json"
 
 
 def detection_threshold(meta: dict) -> float:
@@ -73,6 +75,8 @@ class Model:
             "val_metrics", "train_patients" (and "members" for an `Ensemble`).
         paths: where it was restored from, one per model.
         batch_size: the slices it predicts at a time (`eval_batch_size`).
+        calibration: the model folder's calibration.json (`calibrate.py`) when eval and
+            predict use it (`read_calibration`), else None.
 
     A backend implements `views`; `probabilities` and `threshold` follow from it and
     `meta`. A registered backend (`REGISTRY`) also has the classmethods `holds(path)`
@@ -82,6 +86,7 @@ class Model:
     meta: dict
     paths: tuple[str, ...]
     batch_size: int
+    calibration: dict | None = None
 
     def views(self, images: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
         """The pixel [b, S, S] and slice [b] float32 tumour probabilities of each view of
@@ -90,8 +95,25 @@ class Model:
 
     @property
     def threshold(self) -> float:
-        """The detection threshold (`detection_threshold` of `meta`)."""
+        """The detection threshold: the calibrated one, else `meta`'s (chosen on the
+        validation patients)."""
+        if self.calibration:
+            return self.calibration["detection_threshold"]
         return detection_threshold(self.meta)
+
+    @property
+    def pixel_threshold(self) -> float:
+        """The pixel probability from which a pixel is tumour: the calibrated one, else
+        `postprocess.PIXEL_THRESHOLD`."""
+        if self.calibration:
+            return self.calibration["pixel_threshold"]
+        return postprocess.PIXEL_THRESHOLD
+
+    @property
+    def review_threshold(self) -> float | None:
+        """The patient uncertainty above which a result is flagged for review (the
+        calibrated rule), None without a calibration."""
+        return self.calibration["review"]["uncertainty_threshold"] if self.calibration else None
 
     def probabilities(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Pixel and slice tumour probabilities of model inputs.
@@ -395,6 +417,45 @@ def _with_views(model: Model, config) -> Model:
     return FlipTTA(model) if config["eval"]["flip_tta"] else model
 
 
+def read_calibration(path: str, config) -> dict | None:
+    """The calibration.json beside a model (in its folder, or the ensemble's folder of
+    runs) if eval and predict should use it: `eval.calibration` is on and it was chosen
+    with the same `eval.flip_tta` (its thresholds fit those probabilities only).
+
+    Raises:
+        errors.CheckpointError: the file is not a calibration.
+    """
+    folder = path if os.path.isdir(path) else os.path.dirname(path)
+    file = os.path.join(folder, CALIBRATION_NAME)
+    if "," in path or not config["eval"].get("calibration", True) or not os.path.isfile(file):
+        return None
+    try:
+        with open(file) as f:
+            calibration = json.load(f)
+        keys = ("detection_threshold", "pixel_threshold", "postprocess", "flip_tta", "review")
+        missing = [k for k in keys if k not in calibration]
+    except (OSError, ValueError) as e:
+        raise errors.CheckpointError(f"{file}: unreadable calibration ({e})") from e
+    if missing:
+        raise errors.CheckpointError(f"{file}: not a calibration (no {', '.join(missing)})")
+    if calibration["flip_tta"] != bool(config["eval"]["flip_tta"]):
+        logging.warning(
+            "%s was chosen with eval.flip_tta=%s and is not used with eval.flip_tta=%s",
+            file,
+            calibration["flip_tta"],
+            config["eval"]["flip_tta"],
+        )
+        return None
+    logging.info(
+        "Calibrated (%s): detection threshold %s, pixel threshold %s, post-processing %s",
+        file,
+        calibration["detection_threshold"],
+        calibration["pixel_threshold"],
+        calibration["postprocess"],
+    )
+    return calibration
+
+
 def restore(
     path: str, backend: str = "jax", config: ml_collections.ConfigDict | None = None
 ) -> Model:
@@ -431,6 +492,9 @@ def restore(
             )
     members = [_with_views(m, config) for m in members]
     if len(members) == 1:
-        return members[0]
-    logging.info("Predicting with an ensemble of %d models: %s", len(members), ", ".join(paths))
-    return Ensemble(members, eval_batch_size(config))
+        model = members[0]
+    else:
+        logging.info("Predicting with an ensemble of %d models: %s", len(members), ", ".join(paths))
+        model = Ensemble(members, eval_batch_size(config))
+    model.calibration = read_calibration(path, config)
+    return model

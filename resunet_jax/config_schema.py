@@ -18,7 +18,7 @@ from absl import logging
 
 from resunet_jax.errors import ConfigError
 
-MODES = ("train", "eval", "predict", "export", "cv")  # launch.py --mode
+MODES = ("train", "eval", "predict", "export", "cv", "calibrate")  # launch.py --mode
 # The allowed values of each choice field; the modules that act on them read them here.
 LOSSES = ("focal_tversky", "dice", "bce", "dice_bce", "slice_dice_bce")  # losses.LOSSES
 OPTIMIZERS = ("adam", "adamw", "sgd")  # optimizer.name
@@ -173,6 +173,8 @@ def validate(config: ml_collections.ConfigDict, mode: str) -> None:
     if mode == "export" and out and not out.endswith(".onnx") and os.path.exists(out):
         # A checkpoint folder is written whole; never over something already there.
         _fail(config, "export.path", "exists; a checkpoint export writes a new folder")
+    if not 0 < config.calibrate.review_rate < 1:
+        _fail(config, "calibrate.review_rate", "must be in (0, 1): the share of patients flagged")
     if mode == "cv" and config.eval.split != "val":
         _fail(config, "eval.split", "--mode=cv scores each run on the patients it did not train on")
     if mode == "predict" and not config.predict.input:

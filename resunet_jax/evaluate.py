@@ -55,6 +55,8 @@ PATIENT_FIELDS = (  # per_patient.csv
     "pred_area",
     "intersection",
     "uncertainty",
+    "review",
+    "review_reason",
     "preview_file",
 )
 
@@ -137,7 +139,7 @@ class Evaluator:
         for rows in batches:
             probs, tumor, std = model.probabilities(self.inputs(rows))
             sizes = self.slices["orig_height"][rows], self.slices["orig_width"][rows]
-            small = postprocess.masks_at_original_size(probs, *sizes)
+            small = postprocess.masks_at_original_size(probs, *sizes, model.pixel_threshold)
             small_std = postprocess.probabilities_at_original_size(std, *sizes)
             pred = np.zeros((len(rows), *true_masks.shape[1:]), bool)
             pred[:, : small.shape[1], : small.shape[2]] = small
@@ -180,6 +182,8 @@ class Evaluator:
             patients with a predicted lesion, "uncertainty_per_volume_mean".
         """
         cols = self.predict(model, progress_name)
+        # A calibrated model (backends.read_calibration) brings its own post-processing.
+        chosen = model.calibration["postprocess"] if model.calibration else self.postprocess
         true_tumor = cols["true_area"] > 0
         if threshold is None:
             threshold = metrics.select_threshold(cols["tumor_prob"], true_tumor)
@@ -196,20 +200,26 @@ class Evaluator:
             name: metrics.summarize(cols["patient_id"], counts, cols["tumor_prob"], threshold)
             for name, counts in variants.items()
         }
-        summary, patients = results[self.postprocess]
+        summary, patients = results[chosen]
         for pid, row in results["none"][1].items():
             area = row["pred_area"]
             patients[pid]["uncertainty"] = row["std_sum"] / area if area else None
+            flag, reason = postprocess.review(patients[pid]["uncertainty"], model.review_threshold)
+            patients[pid].update(review=flag, review_reason=reason)
+        flags = [r["review"] for r in patients.values() if r["review"] != ""]
         summary = dict(
             summary,
-            postprocess=self.postprocess,
+            pixel_threshold=model.pixel_threshold,
+            calibrated=model.calibration is not None,
+            review_rate=float(np.mean(flags)) if flags else None,
+            postprocess=chosen,
             uncertainty_per_volume_mean=_mean(r["uncertainty"] for r in patients.values()),
         )
         summary["postprocess_comparison"] = {
             name: {k: r[0][k] for k in COMPARED_METRICS} for name, r in results.items()
         }
         if preview_dir:
-            final = largest if self.postprocess == "largest_component" else gated
+            final = largest if chosen == "largest_component" else gated
             self._previews(preview_dir, patients, final, cols["true_mask"])
         return summary, patients
 
@@ -242,7 +252,9 @@ class Evaluator:
                 else:
                     continue
                 patients_shown.add(pid)
-                pred = postprocess.decide(probs[i : i + 1], tumor[i : i + 1], threshold)[0]
+                pred = postprocess.decide(
+                    probs[i : i + 1], tumor[i : i + 1], threshold, model.pixel_threshold
+                )[0]
                 shown.append(
                     (
                         self.slices["image"][row],

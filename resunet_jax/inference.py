@@ -41,7 +41,8 @@ class Prediction:
     Attributes:
         probabilities: [N, H, W] float32 pixel tumour probabilities at each slice's size
             (before the detection gate).
-        masks: [N, H, W] bool: probability >= 0.5 on slices called tumour
+        masks: [N, H, W] bool: probability >= the pixel threshold (0.5 unless
+            calibrated) on slices called tumour
             (`tumor_probabilities` >= the detection threshold), post-processed.
         tumor_probabilities: [N] float32 slice tumour probabilities.
         uncertainty: [N, H, W] float32 pixel uncertainty: the s.d. of the pixel
@@ -68,7 +69,12 @@ class Predictor:
         self.model = model
         self.config = config
         self.threshold = threshold
-        self.postprocess = config.eval.postprocess
+        # A calibrated model (backends.read_calibration) brings its own pixel threshold,
+        # post-processing and review rule.
+        calibration = getattr(model, "calibration", None)
+        self.pixel_threshold = getattr(model, "pixel_threshold", postprocess.PIXEL_THRESHOLD)
+        self.postprocess = calibration["postprocess"] if calibration else config.eval.postprocess
+        self.review_threshold = getattr(model, "review_threshold", None)
 
     @classmethod
     def from_checkpoint(
@@ -158,7 +164,7 @@ class Predictor:
         heights, widths = zip(*(s.shape[:2] for s in slices), strict=True)
         probabilities = postprocess.probabilities_at_original_size(small, heights, widths)
         uncertainty = postprocess.probabilities_at_original_size(small_std, heights, widths)
-        masks = postprocess.decide(probabilities, tumor, self.threshold)
+        masks = postprocess.decide(probabilities, tumor, self.threshold, self.pixel_threshold)
         if self.postprocess == "largest_component":  # as evaluation: after the gate
             masks = postprocess.largest_component_3d(masks)
         return Prediction(probabilities, masks, tumor, uncertainty)

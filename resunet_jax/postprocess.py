@@ -21,8 +21,10 @@ def tumour_slices(tumor_prob, threshold: float) -> np.ndarray:
     return np.asarray(tumor_prob) >= threshold
 
 
-def decide(pixel_prob, tumor_prob, threshold: float) -> np.ndarray:
-    """The predicted masks: pixels at `PIXEL_THRESHOLD` or above on slices past the gate.
+def decide(
+    pixel_prob, tumor_prob, threshold: float, pixel_threshold: float = PIXEL_THRESHOLD
+) -> np.ndarray:
+    """The predicted masks: pixels at `pixel_threshold` or above on slices past the gate.
 
     Args:
         pixel_prob: [N, H, W] pixel tumour probabilities.
@@ -32,7 +34,7 @@ def decide(pixel_prob, tumor_prob, threshold: float) -> np.ndarray:
     Returns:
         [N, H, W] bool.
     """
-    return (np.asarray(pixel_prob) >= PIXEL_THRESHOLD) & tumour_slices(tumor_prob, threshold)[
+    return (np.asarray(pixel_prob) >= pixel_threshold) & tumour_slices(tumor_prob, threshold)[
         :, None, None
     ]
 
@@ -67,11 +69,11 @@ def probabilities_at_original_size(prob_maps, heights, widths):
     return out
 
 
-def masks_at_original_size(prob_maps, heights, widths):
+def masks_at_original_size(prob_maps, heights, widths, pixel_threshold: float = PIXEL_THRESHOLD):
     """`probabilities_at_original_size` thresholded: [N, max(heights), max(widths)] bool,
-    probability >= `PIXEL_THRESHOLD` (before the slice gate), False beyond each slice's
+    probability >= `pixel_threshold` (before the slice gate), False beyond each slice's
     h x w."""
-    return probabilities_at_original_size(prob_maps, heights, widths) >= PIXEL_THRESHOLD
+    return probabilities_at_original_size(prob_maps, heights, widths) >= pixel_threshold
 
 
 def largest_component_3d(volume):
@@ -110,3 +112,24 @@ def largest_component_per_patient(patient_ids, slice_index, pred_masks):
         rows = rows[np.argsort(np.asarray(slice_index)[rows])]
         out[rows] = largest_component_3d(pred_masks[rows])
     return out
+
+
+def review(uncertainty, threshold: float | None) -> tuple:
+    """The review flag of a result (patient, volume or slice) and its reason.
+
+    Args:
+        uncertainty: its uncertainty (the mean pixel s.d. over its predicted lesion), None
+            or NaN where the prediction is empty.
+        threshold: the calibrated review threshold (`calibrate.py`); None: no rule.
+
+    Returns:
+        (flag, reason): ("", "") without a rule; (False, "no lesion predicted") for an
+        empty prediction; (True, why) above the threshold; else (False, "").
+    """
+    if threshold is None:
+        return "", ""
+    if uncertainty is None or np.isnan(uncertainty):
+        return False, "no lesion predicted"
+    if uncertainty > threshold:
+        return True, f"uncertainty {uncertainty:.4f} above the review threshold {threshold:.4f}"
+    return False, ""

@@ -63,6 +63,8 @@ CSV_FIELDS = (
     "tumor",
     "predicted_area_pixels",
     "uncertainty",
+    "review",
+    "review_reason",
     "mask_file",
     "error",
 )
@@ -78,6 +80,8 @@ PATIENT_FIELDS = (
     "largest_component_share",
     "mean_tumor_probability",
     "uncertainty",
+    "review",
+    "review_reason",
     "mask_file",
     "probability_file",
     "uncertainty_file",
@@ -180,6 +184,12 @@ def lesion_uncertainty(uncertainty, mask) -> float | None:
     return round(float(uncertainty[mask].mean()), 6) if mask.any() else None
 
 
+def _review(row: dict, threshold: float | None) -> dict:
+    """`row` with its review flag and reason (`postprocess.review` of its uncertainty)."""
+    flag, reason = postprocess.review(row["uncertainty"], threshold)
+    return row | {"review": flag, "review_reason": reason}
+
+
 def _write_prediction(path, image, result, i, base, out_dir, save) -> dict:
     """Writes one slice's mask (overlay if tumour, the maps `save` names); returns its
     CSV row.
@@ -216,7 +226,7 @@ def _write_prediction(path, image, result, i, base, out_dir, save) -> dict:
     }
 
 
-def _patient_row(name, source, result, voxel_ml=None, **files) -> dict:
+def _patient_row(name, source, result, voxel_ml=None, review=None, **files) -> dict:
     """One patient's patients.csv row.
 
     Args:
@@ -224,12 +234,13 @@ def _patient_row(name, source, result, voxel_ml=None, **files) -> dict:
         source: its input folder, file or DICOM series.
         result: its `inference.Prediction`, slices in slice order.
         voxel_ml: one voxel's volume in mL; None: the lesion is counted in pixels.
+        review: the model's review threshold (None: no rule, the flag is left empty).
         **files: "mask_file", "probability_file", "uncertainty_file" written for it.
     """
     masks, probabilities = result.masks, result.probabilities
     voxels = int(masks.sum())
     largest = int(postprocess.largest_component_3d(masks).sum()) if voxels else 0
-    return dict.fromkeys(PATIENT_FIELDS, "") | {
+    row = dict.fromkeys(PATIENT_FIELDS, "") | {
         "patient": name,
         "source": source,
         "num_slices": len(masks),
@@ -244,6 +255,7 @@ def _patient_row(name, source, result, voxel_ml=None, **files) -> dict:
         "uncertainty": lesion_uncertainty(result.uncertainty, masks),
         **files,
     }
+    return _review(row, review)
 
 
 def _with_preview(row: dict, flair, masks, out_dir: str) -> dict:
@@ -279,12 +291,14 @@ def _predict_folder(predictor, folder, paths, root, out_dir, save, rows, patient
     result = predictor.predict([image for _, image in read])
     base = root if os.path.isdir(root) else os.path.dirname(root)  # outputs mirror below it
     for i, (path, image) in enumerate(read):
-        rows.append(_write_prediction(path, image, result, i, base, out_dir, save))
+        row = _write_prediction(path, image, result, i, base, out_dir, save)
+        rows.append(_review(row, predictor.review_threshold))
     name = volumes.output_name(folder, root)
     flair = np.zeros(result.masks.shape, np.uint8)  # slices of any size, padded as the masks
     for i, (_, image) in enumerate(read):
         flair[i, : image.shape[0], : image.shape[1]] = image[..., 1]
-    patients.append(_with_preview(_patient_row(name, folder, result), flair, result.masks, out_dir))
+    row = _patient_row(name, folder, result, review=predictor.review_threshold)
+    patients.append(_with_preview(row, flair, result.masks, out_dir))
 
 
 def _on_input_slices(volume, result, predictor) -> inference.Prediction:
@@ -294,7 +308,9 @@ def _on_input_slices(volume, result, predictor) -> inference.Prediction:
         return result
     probabilities = volume.to_input_slices(result.probabilities)
     uncertainty = volume.to_input_slices(result.uncertainty)
-    masks = postprocess.decide(probabilities, result.tumor_probabilities, predictor.threshold)
+    masks = postprocess.decide(
+        probabilities, result.tumor_probabilities, predictor.threshold, predictor.pixel_threshold
+    )
     if predictor.postprocess == "largest_component":
         masks = postprocess.largest_component_3d(masks)
     return inference.Prediction(probabilities, masks, result.tumor_probabilities, uncertainty)
@@ -325,18 +341,18 @@ def _predict_volume(predictor, source, out_dir, save, rows, patients, reframe=Tr
         field, values = maps[suffix]
         files[field] = os.path.join(out_dir, f"{source.name}_pred_{suffix}.nii.gz")
         volume.write_nifti(volume.to_input_grid(values).astype(np.float32), files[field])
-    rows.append(
-        {
-            "file": volume.source,
-            "tumor_probability": round(float(result.tumor_probabilities.max()), 6),
-            "tumor": bool(result.masks.any()),
-            "predicted_area_pixels": int(result.masks.sum()),
-            "uncertainty": lesion_uncertainty(result.uncertainty, result.masks),
-            "mask_file": files["mask_file"],
-            "error": "",
-        }
-    )
-    row = _patient_row(source.name, volume.source, result, volume.voxel_ml, **files)
+    row = {
+        "file": volume.source,
+        "tumor_probability": round(float(result.tumor_probabilities.max()), 6),
+        "tumor": bool(result.masks.any()),
+        "predicted_area_pixels": int(result.masks.sum()),
+        "uncertainty": lesion_uncertainty(result.uncertainty, result.masks),
+        "mask_file": files["mask_file"],
+        "error": "",
+    }
+    rows.append(_review(row, predictor.review_threshold))
+    review = predictor.review_threshold
+    row = _patient_row(source.name, volume.source, result, volume.voxel_ml, review, **files)
     flair = volume.images[..., 1]
     if not volume.frame.identity:
         flair = volume.to_input_slices(flair.astype(np.float32))
