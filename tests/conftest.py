@@ -43,6 +43,21 @@ def tiny_data(tmp_path_factory):
     return str(root)
 
 
+@pytest.fixture(scope="session")
+def folds(tiny_data, tmp_path_factory):
+    """Three tiny "fold" runs of tiny_data's 6 patients (3-fold split), in one folder."""
+    from test_predict import _export_tiny
+
+    from resunet_jax.data import lgg
+
+    runs = tmp_path_factory.mktemp("folds")
+    ids = lgg.patient_ids(lgg.discover(tiny_data))
+    for k in range(3):
+        train_ids, _ = lgg.split_patients(ids, 3, k, seed=0)
+        _export_tiny(runs / f"fold_{k}", k, train_ids, threshold=0.5)
+    return str(runs), ids
+
+
 @pytest.fixture
 def copy_run(tmp_path):
     """Copies a module's finished run into this test's tmp_path, for tests that change it.

@@ -12,7 +12,6 @@ from test_predict import _export_tiny
 
 from configs import tiny
 from resunet_jax import backends, calibrate, errors, evaluate, postprocess, predict
-from resunet_jax.data import lgg
 
 
 def _known_patient(seed, uncertainty=0.1):
@@ -71,17 +70,6 @@ def test_review_rule_flags_known_uncertainties():
     assert figures["patients_under_0.7"] == 2 and figures["review_recall_under_0.7"] == 1.0
     assert figures["dice_unflagged_mean"] == pytest.approx(0.925)
     assert figures["review_rate"] == pytest.approx(3 / 5)
-
-
-@pytest.fixture(scope="module")
-def folds(tiny_data, tmp_path_factory):
-    """Two tiny "fold" models of tiny_data's 6 patients, in one folder."""
-    runs = tmp_path_factory.mktemp("calib_folds")
-    ids = lgg.patient_ids(lgg.discover(tiny_data))
-    for k in range(2):
-        train_ids, _ = lgg.split_patients(ids, 2, k, seed=0)
-        _export_tiny(runs / f"fold_{k}", k, train_ids, threshold=0.5)
-    return str(runs), ids
 
 
 def _config(tiny_data, tmp_path, checkpoint):

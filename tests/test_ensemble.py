@@ -212,17 +212,6 @@ def test_predict_writes_the_uncertainty_of_an_ensemble(members, tmp_path):
     assert float(patient["uncertainty"]) == pytest.approx(maps[masks].mean(), abs=1e-4)
 
 
-@pytest.fixture(scope="module")
-def folds(tiny_data, tmp_path_factory):
-    """Three tiny "fold" runs of tiny_data's 6 patients (3-fold split), in one folder."""
-    runs = tmp_path_factory.mktemp("folds")
-    ids = lgg.patient_ids(lgg.discover(tiny_data))
-    for k in range(3):
-        train_ids, _ = lgg.split_patients(ids, 3, k, seed=0)
-        _export_tiny(runs / f"fold_{k}", k, train_ids, threshold=0.5)
-    return str(runs), ids
-
-
 def test_cross_validation_scores_each_run_on_its_own_fold(tiny_data, folds, tmp_path):
     runs, ids = folds
     config = tiny.get_config()
