@@ -15,7 +15,7 @@ import sys
 
 from absl import logging
 
-from resunet_jax import config_schema, errors, predict
+from resunet_jax import backends, config_schema, errors, predict
 
 # The checkout that `pip install -e .` installed: configs/ and pretrained/ beside the package.
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -42,12 +42,18 @@ def parser() -> argparse.ArgumentParser:
         "--backend",
         default="",
         choices=config_schema.BACKENDS,
-        help="what runs the model (default: configs/resunet.py's inference.backend)",
+        help="what runs the model (default: onnx where the model has model.onnx, else jax)",
     )
     p.add_argument("--probabilities", action="store_true", help="also write probability maps")
     p.add_argument("--uncertainty", action="store_true", help="also write uncertainty maps")
     p.add_argument("--flip-tta", action="store_true", help="average with mirrored slices (2x)")
     return p
+
+
+def _has_onnx(path: str) -> bool:
+    """Whether every model `path` names has an exported graph (`backends.find_onnx`)."""
+    paths = backends.model_paths(path, "onnx")
+    return all(backends.OnnxModel.holds(p) for p in paths)
 
 
 def predict_config(args: argparse.Namespace):
@@ -61,6 +67,9 @@ def predict_config(args: argparse.Namespace):
     config.eval.flip_tta = args.flip_tta
     if args.backend:
         config.inference.backend = args.backend
+    elif _has_onnx(config.checkpoint):
+        # ONNX Runtime is the faster CPU engine for an exported model (benchmarks/README.md).
+        config.inference.backend = "onnx"
     config = config_schema.resolve_defaults(config)
     config_schema.validate(config, "predict")
     return config
