@@ -109,6 +109,11 @@ class Model:
             return self.calibration["pixel_threshold"]
         return postprocess.PIXEL_THRESHOLD
 
+    def postprocess(self, configured: str) -> str:
+        """The 3D post-processing to apply: the calibrated one, else `configured`
+        (`eval.postprocess`)."""
+        return self.calibration["postprocess"] if self.calibration else configured
+
     @property
     def review_threshold(self) -> float | None:
         """The patient uncertainty above which a result is flagged for review (the

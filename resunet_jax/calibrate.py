@@ -100,15 +100,21 @@ def choose(tables: list[dict], review_rate: float) -> dict:
     # Best Dice first, then the nearest to the defaults.
     order = np.lexsort((-d.ravel(), p.ravel(), np.abs(t.ravel() - 0.5), -mean.ravel().round(6)))
     i, j, k = np.unravel_index(order[0], mean.shape)
-    uncertainty = np.array([tb["uncertainty"][i, j, k] for tb in tables])
-    known = uncertainty[~np.isnan(uncertainty)]
-    cut = float(np.quantile(known, 1 - review_rate)) if len(known) else float("inf")
+    cut = _review_threshold(tables, (i, j, k), review_rate)
     return {
         "detection_threshold": DETECTION_THRESHOLDS[i],
         "pixel_threshold": PIXEL_THRESHOLDS[j],
         "postprocess": POSTPROCESS[k],
         "review": {"uncertainty_threshold": round(cut, 6), "rate": review_rate},
     }
+
+
+def _review_threshold(tables: list[dict], rule: tuple, review_rate: float) -> float:
+    """The uncertainty above which `review_rate` of `tables`' patients lie under the rule
+    at grid index `rule` (patients without a predicted lesion have none)."""
+    uncertainty = np.array([t["uncertainty"][rule] for t in tables])
+    known = uncertainty[~np.isnan(uncertainty)]
+    return float(np.quantile(known, 1 - review_rate)) if len(known) else float("inf")
 
 
 def flagged(uncertainty, threshold: float) -> np.ndarray:
@@ -266,9 +272,7 @@ def choose_fixed(tables, detection_threshold: float, review_rate: float) -> dict
     "own_rules" in calibration.json reports for comparison."""
     d = min(DETECTION_THRESHOLDS, key=lambda x: abs(x - detection_threshold))
     i, j, k = DETECTION_THRESHOLDS.index(d), PIXEL_THRESHOLDS.index(0.5), 0
-    uncertainty = np.array([t["uncertainty"][i, j, k] for t in tables])
-    known = uncertainty[~np.isnan(uncertainty)]
-    cut = float(np.quantile(known, 1 - review_rate)) if len(known) else float("inf")
+    cut = _review_threshold(tables, (i, j, k), review_rate)
     return {
         "detection_threshold": d,
         "pixel_threshold": 0.5,

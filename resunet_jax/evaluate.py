@@ -182,8 +182,7 @@ class Evaluator:
             patients with a predicted lesion, "uncertainty_per_volume_mean".
         """
         cols = self.predict(model, progress_name)
-        # A calibrated model (backends.read_calibration) brings its own post-processing.
-        chosen = model.calibration["postprocess"] if model.calibration else self.postprocess
+        chosen = model.postprocess(self.postprocess)
         true_tumor = cols["true_area"] > 0
         if threshold is None:
             threshold = metrics.select_threshold(cols["tumor_prob"], true_tumor)

@@ -71,10 +71,9 @@ class Predictor:
         self.threshold = threshold
         # A calibrated model (backends.read_calibration) brings its own pixel threshold,
         # post-processing and review rule.
-        calibration = getattr(model, "calibration", None)
-        self.pixel_threshold = getattr(model, "pixel_threshold", postprocess.PIXEL_THRESHOLD)
-        self.postprocess = calibration["postprocess"] if calibration else config.eval.postprocess
-        self.review_threshold = getattr(model, "review_threshold", None)
+        self.pixel_threshold = model.pixel_threshold
+        self.postprocess = model.postprocess(config.eval.postprocess)
+        self.review_threshold = model.review_threshold
 
     @classmethod
     def from_checkpoint(

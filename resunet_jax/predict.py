@@ -268,8 +268,8 @@ def _with_preview(row: dict, flair, masks, out_dir: str) -> dict:
         f"{row['patient']}: lesion {row['lesion_volume']} {row['lesion_volume_unit']}, "
         f"{row['slices_with_tumor']} of {row['num_slices']} slices with tumour"
     )
-    if row.get("review") not in (None, ""):
-        title += ", REVIEW" if row["review"] else ""
+    if row.get("review") is True:
+        title += ", REVIEW"
     if row.get("notes"):
         title += f"\n{row['notes']}"
     visualize.volume_preview(flair, masks, path, title)

@@ -71,14 +71,16 @@ def write_index(out_dir: str, rows: list[dict], kind: str, title: str, summary: 
         title: the page's heading.
         summary: one line under the heading (e.g. the mean Dice).
     """
+
     # A column none of the rows has is dropped, as is an uncertainty of 0 everywhere (one
     # model without flips has none to give).
-    columns = [
-        (t, k)
-        for t, k in COLUMNS[kind]
-        if any(r.get(k) not in (None, "", 0, 0.0) for r in rows)
-        or (k != "uncertainty" and any(r.get(k) not in (None, "") for r in rows))
-    ]
+    def has_values(key):
+        values = [r.get(key) for r in rows]
+        if key == "uncertainty":
+            return any(isinstance(v, float) and v > 0 for v in values)
+        return any(v not in (None, "") for v in values)
+
+    columns = [(t, k) for t, k in COLUMNS[kind] if has_values(k)]
 
     def rel(path):
         return html.escape(os.path.relpath(path, out_dir))
