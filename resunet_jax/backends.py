@@ -210,6 +210,12 @@ def from_variables(variables, config: ml_collections.ConfigDict) -> Model:
     return _with_views(JaxModel(variables, meta, batch_size=eval_batch_size(config)), config)
 
 
+def int8_path(path: str) -> str:
+    """Where the INT8 quantization of the graph `path` (.onnx) is (`export.write_int8`):
+    model.int8.onnx for model.onnx."""
+    return path[: -len(".onnx")] + ".int8.onnx"
+
+
 def find_onnx(path: str, int8: bool = False) -> str:
     """The exported model that `path` names: an .onnx file, a folder holding model.onnx
     (pretrained/resunet_lgg), or a workdir holding export/model.onnx; with `int8`, the
@@ -221,8 +227,8 @@ def find_onnx(path: str, int8: bool = False) -> str:
     name = INT8_NAME if int8 else ONNX_NAME
     candidates = [os.path.join(path, name), os.path.join(path, "export", name)]
     if path.endswith(".onnx"):
-        quantized = path.endswith(INT8_NAME[len("model") :])
-        candidates = [path if quantized or not int8 else path[: -len(".onnx")] + ".int8.onnx"]
+        quantized = path.endswith(".int8.onnx")
+        candidates = [path if quantized or not int8 else int8_path(path)]
     for candidate in candidates:
         if os.path.isfile(candidate):
             return candidate

@@ -12,8 +12,14 @@ detection threshold) and the checkpoint's meta (config, step, validation metrics
 training patients) are in its metadata_props, and in a JSON beside it for reading
 without ONNX.
 
+With `export.int8`, it also writes that graph's INT8 post-training quantization
+(NNCF), `model.int8.onnx` beside it (`write_int8`), calibrated on slices of the
+checkpoint's training patients.
+
 With `inference.backend=onnx`, eval and predict run that graph on ONNX Runtime instead
-of the JAX model (`backends.OnnxModel`).
+of the JAX model (`backends.OnnxModel`); with `inference.backend=openvino` on OpenVINO,
+in bf16 where the CPU has it, f32, or (`inference.precision=int8`) the INT8 graph
+(`backends.OpenvinoModel`).
 """
 
 import contextlib
@@ -25,9 +31,11 @@ import tempfile
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from absl import logging
 
-from resunet_jax import backends, checkpointing, models
+from resunet_jax import backends, checkpointing, config_schema, errors, evaluate, inputs, models
+from resunet_jax.data import sources
 from resunet_jax.workdir import atomic_write
 
 CHANNELS = ("pre-contrast", "FLAIR", "post-contrast")
@@ -84,22 +92,27 @@ def export(config, workdir: str) -> str:
 
     The checkpoint is `config.checkpoint`, else the workdir's best (else latest). An
     `export.path` ending in .onnx (the default, WORKDIR/export/model.onnx) gets the ONNX
-    graph and a JSON beside it (`write_onnx`); any other path is a folder that gets the
-    model's variables and meta alone, without optimizer state or other steps, as
-    pretrained/ holds them (a third of a training checkpoint's size; restorable wherever
-    `config.checkpoint` is read).
+    graph and a JSON beside it (`write_onnx`), and with `export.int8` its INT8
+    quantization beside it (`write_int8`, calibrated on `calibration_inputs`); any other
+    path is a folder that gets the model's variables and meta alone, without optimizer
+    state or other steps, as pretrained/ holds them (a third of a training checkpoint's
+    size; restorable wherever `config.checkpoint` is read).
 
     Returns:
         The path written.
 
     Raises:
         errors.CheckpointError: no checkpoint at the path.
+        errors.DataError: with `export.int8`, no training patient of the checkpoint under
+            `data.dir` to calibrate on.
     """
     path = config.checkpoint or workdir
     out = config.export.path or os.path.join(workdir, "export", backends.ONNX_NAME)
     variables, meta = checkpointing.restore_model(path)
     if out.endswith(".onnx"):
         write_onnx(variables, meta, out)
+        if config.export.get("int8", False):
+            write_int8(out, calibration_inputs(config, workdir, meta))
     else:
         checkpointing.export_model(out, variables, meta)
     logging.info("Exported %s step %d to %s", path, int(meta["step"]), out)
@@ -127,6 +140,92 @@ def write_onnx(variables: dict, meta: dict, path: str):
         onnx.save(proto, f)
     with atomic_write(path[: -len(".onnx")] + ".json") as f:
         json.dump({"model_card": card, "meta": meta}, f, indent=2)
+
+
+def calibration_inputs(config, workdir: str, meta: dict) -> np.ndarray:
+    """Model inputs of the checkpoint's training patients, to calibrate its quantization.
+
+    Never the patients it is scored on: the slices are `export.calibration_slices` of
+    its training patients' (`meta["train_patients"]`) found under `data.dir`, evenly
+    spaced over them in patient then slice order (tumour and tumour-free slices alike),
+    made as eval makes them (`evaluate.Evaluator`). For a routed pair every other one
+    has its pre-contrast replaced by the FLAIR (`eval.missing_sequences=pre`), so each
+    network is calibrated on slices routed to it.
+
+    Args:
+        config: the run config (`data.dir`, `export.calibration_slices`).
+        workdir: the run directory (synthetic data are generated there).
+        meta: the checkpoint's meta.
+
+    Returns:
+        [n, S, S, C] float32 model inputs.
+
+    Raises:
+        errors.DataError: none of the training patients is under `data.dir`.
+    """
+    config = config_schema.checkpoint_config(config, meta)
+    source = sources.open_source(config, workdir, split=False)
+    train_ids = sorted(set(meta.get("train_patients", ())) & set(source.patient_ids))
+    if not train_ids:
+        raise errors.DataError(
+            f"{source.data_dir}: none of the checkpoint's {len(meta.get('train_patients', ()))} "
+            "training patients is here; --config.export.int8 calibrates on them, so "
+            "--config.data.dir must be the data it was trained on"
+        )
+    evaluator = evaluate.Evaluator(source, config, train_ids)
+    count = len(evaluator.slices["image"])
+    rows = np.unique(np.linspace(0, count - 1, min(config.export.calibration_slices, count)))
+    rows = rows.round().astype(int)
+    images = evaluator.inputs(rows)
+    if meta["config"]["model"].get("no_contrast_expert", False):
+        evaluator.missing = np.array(inputs.MISSING_SEQUENCES["pre"])
+        images[1::2] = evaluator.inputs(rows[1::2])
+    logging.info(
+        "Calibrating the INT8 quantization on %d slices of %d training patients",
+        len(images),
+        len(train_ids),
+    )
+    return images
+
+
+def write_int8(path: str, images: np.ndarray) -> str:
+    """Writes the INT8 post-training quantization of the exported graph `path`.
+
+    NNCF's default (mixed) preset quantizes the convolutions' weights per channel and
+    their inputs per tensor, with ranges from the activations on `images`, and corrects
+    each convolution's bias for the shift quantization causes (fast bias correction);
+    the graph is written with QuantizeLinear/DequantizeLinear pairs, which OpenVINO runs
+    as INT8 convolutions. The metadata (meta, card) are the graph's, the card noting
+    the quantization.
+
+    Args:
+        path: the .onnx that `write_onnx` wrote.
+        images: [n, S, S, C] float32 calibration inputs (`calibration_inputs`).
+
+    Returns:
+        The path written (`backends.int8_path`).
+    """
+    import nncf
+    import onnx
+
+    proto = onnx.load(path)
+    props = {p.key: p.value for p in proto.metadata_props}
+    card = json.loads(props[backends.CARD_KEY])
+    card["quantization"] = (
+        f"INT8 (NNCF {nncf.__version__} post-training quantization, calibrated on "
+        f"{len(images)} training slices)"
+    )
+    dataset = nncf.Dataset(images, lambda image: {backends.INPUT_NAME: image[None]})
+    quantized = nncf.quantize(proto, dataset, subset_size=len(images))
+    onnx.helper.set_model_props(
+        quantized,
+        {backends.META_KEY: props[backends.META_KEY], backends.CARD_KEY: json.dumps(card)},
+    )
+    out = backends.int8_path(path)
+    with atomic_write(out, "wb") as f:
+        onnx.save(quantized, f)
+    logging.info("Wrote the INT8 quantization of %s to %s", path, out)
+    return out
 
 
 def to_onnx(variables: dict, meta: dict):
