@@ -174,21 +174,21 @@ def get_config() -> ml_collections.ConfigDict:
     # --mode=export wrote; no JAX model needed; resunet_jax/export.py); "openvino"
     # (OpenVINO on that graph, the fastest on CPUs; pip install -e ".[openvino]"); or
     # "auto": on a CPU the fastest of openvino and onnx installed where the checkpoint
-    # has its graph, else (and on GPUs and TPUs) jax.
-    config.inference.backend = "jax"
-    # The arithmetic of the openvino backend: "auto" (bf16 where the CPU has it, e.g.
-    # AVX512-BF16 or AMX, else f32), "f32", "bf16", or "int8" (the INT8 graph that
-    # --mode=export --config.export.int8=True writes beside model.onnx). The jax and onnx
-    # backends take auto or f32 (jax: model.dtype).
+    # has its graph of the same step, else (and on GPUs and TPUs) jax.
+    config.inference.backend = "auto"
+    # The arithmetic of the openvino backend: "auto" (the INT8 model where
+    # --mode=export --config.export.int8=True wrote it beside model.onnx, else bf16 where
+    # the CPU has it, e.g. AVX512-BF16 or AMX, else f32), "f32", "bf16", or "int8". The
+    # jax and onnx backends take auto or f32 (jax: model.dtype).
     config.inference.precision = "auto"
 
     config.export = ml_collections.ConfigDict()
     # --mode=export output: an .onnx (a .json beside it; "" = WORKDIR/export/model.onnx),
     # or a new folder for the weights and meta alone, as pretrained/ holds them.
     config.export.path = ""
-    # Also write its INT8 post-training quantization (NNCF), model.int8.onnx beside the
-    # .onnx, calibrated on this many slices of the checkpoint's training patients under
-    # data.dir (never on patients it is scored on).
+    # Also write its INT8 post-training quantization (NNCF; OpenVINO IR, model.int8.xml
+    # and .bin beside the .onnx), calibrated on this many slices of the checkpoint's
+    # training patients under data.dir (never on patients it is scored on).
     config.export.int8 = False
     config.export.calibration_slices = 300
 

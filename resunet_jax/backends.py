@@ -37,8 +37,12 @@ from resunet_jax import checkpointing, config_schema, errors, models, parallel
 # The exported graph (export.py writes it, OnnxModel reads it): file name, metadata_props
 # keys, input and output names.
 ONNX_NAME = "model.onnx"
-# Its INT8 post-training quantization (export.write_int8), beside it.
-INT8_NAME = "model.int8.onnx"
+# Its INT8 post-training quantization (export.write_int8), beside it: OpenVINO IR (.xml
+# and .bin), its meta and card in the model's rt_info under these keys, and for a routed
+# pair each network's input and outputs named with a "." and the network's name.
+INT8_NAME = "model.int8.xml"
+IR_META_KEY = ("resunet_jax", "meta")
+IR_CARD_KEY = ("resunet_jax", "card")
 META_KEY = "resunet_jax.meta"
 CARD_KEY = "resunet_jax.card"
 INPUT_NAME = "image"
@@ -212,23 +216,24 @@ def from_variables(variables, config: ml_collections.ConfigDict) -> Model:
 
 def int8_path(path: str) -> str:
     """Where the INT8 quantization of the graph `path` (.onnx) is (`export.write_int8`):
-    model.int8.onnx for model.onnx."""
-    return path[: -len(".onnx")] + ".int8.onnx"
+    model.int8.xml (and .bin) for model.onnx."""
+    return path[: -len(".onnx")] + ".int8.xml"
 
 
 def find_onnx(path: str, int8: bool = False) -> str:
     """The exported model that `path` names: an .onnx file, a folder holding model.onnx
     (pretrained/resunet_lgg), or a workdir holding export/model.onnx; with `int8`, the
-    INT8 quantization beside it (model.int8.onnx, `export.write_int8`).
+    INT8 quantization beside it (model.int8.xml, `export.write_int8`).
 
     Raises:
         errors.CheckpointError: none of these.
     """
     name = INT8_NAME if int8 else ONNX_NAME
     candidates = [os.path.join(path, name), os.path.join(path, "export", name)]
-    if path.endswith(".onnx"):
-        quantized = path.endswith(".int8.onnx")
-        candidates = [path if quantized or not int8 else int8_path(path)]
+    if path.endswith(".int8.xml"):
+        candidates = [path]
+    elif path.endswith(".onnx"):
+        candidates = [int8_path(path) if int8 else path]
     for candidate in candidates:
         if os.path.isfile(candidate):
             return candidate
@@ -299,8 +304,9 @@ class GraphModel(Model):
     graph holds, `models.lacks_pre_contrast`). Called (`__call__`) like the JAX model in
     `infer`.
 
-    A subclass sets `backend` and `precision` and implements `_compile(proto)` (a
-    ModelProto -> what its `_infer` runs) and `_infer(name, images)`.
+    A subclass sets `backend` and `precision` and implements `_compile(graph)` (a
+    ModelProto, or what its own `_read` gives -> what its `_infer` runs) and
+    `_infer(name, images)`.
 
     Args:
         path: the .onnx file (`export.export`).
@@ -317,6 +323,15 @@ class GraphModel(Model):
     """
 
     def __init__(self, path: str, batch_size: int | None = None):
+        self.meta, self.card, graphs = self._read(path)
+        self.path = path
+        self.paths = (path,)
+        self.batch_size = batch_size or eval_batch_size(self.meta["config"])
+        self.networks = {name: self._compile(graph) for name, graph in graphs.items()}
+
+    def _read(self, path: str) -> tuple[dict, dict, dict]:
+        """The meta, card and networks (ModelProtos by name, as `networks`) of the .onnx
+        `path`."""
         import onnx
 
         try:
@@ -328,21 +343,15 @@ class GraphModel(Model):
             raise errors.CheckpointError(
                 f"{path}: not exported by resunet_jax (no {META_KEY} in its metadata)"
             )
-        self.meta = json.loads(props[META_KEY])
-        self.card = json.loads(props[CARD_KEY])
-        self.path = path
-        self.paths = (path,)
-        self.batch_size = batch_size or eval_batch_size(self.meta["config"])
-        if "routing" in self.card:
-            try:
-                graphs = routed_networks(proto)
-            except ValueError as e:
-                raise errors.CheckpointError(f"{path}: {e}") from e
-        else:
-            graphs = {"network": proto}
-        self.networks = {name: self._compile(graph) for name, graph in graphs.items()}
+        card = json.loads(props[CARD_KEY])
+        if "routing" not in card:
+            return json.loads(props[META_KEY]), card, {"network": proto}
+        try:
+            return json.loads(props[META_KEY]), card, routed_networks(proto)
+        except ValueError as e:
+            raise errors.CheckpointError(f"{path}: {e}") from e
 
-    def _compile(self, proto):
+    def _compile(self, graph):
         raise NotImplementedError
 
     def _infer(self, name: str, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -459,14 +468,15 @@ class OpenvinoModel(GraphModel):
 
     OpenVINO compiles the graph for this CPU and runs its convolutions in the precision
     asked for: bf16 where the CPU has it ("auto"), f32, or the INT8 graph's quantized
-    convolutions (`export.write_int8`; its other operators in the CPU's float
-    precision). A batch is split into one part per OpenVINO stream (one per core pair or
+    convolutions (`export.write_int8`, model.int8.xml; its other operators in the CPU's
+    float precision). A batch is split into one part per OpenVINO stream (one per core pair or
     core), run at once, as OnnxModel splits it over threads.
 
     Args:
-        path: the .onnx file (`export.export`), or its INT8 quantization (model.int8.onnx)
+        path: the .onnx file (`export.export`), or its INT8 quantization (model.int8.xml)
             for precision "int8".
-        precision: "auto" (bf16 where the CPU has it, else f32), "f32", "bf16" or "int8".
+        precision: "auto" (bf16 where the CPU has it, else f32), "f32", "bf16" or "int8"
+            (`load` makes "auto" int8 where the INT8 model is there).
         threads: CPU threads; 0 = one per core.
         batch_size: slices per call; None = `eval_batch_size` of its own config.
 
@@ -497,18 +507,53 @@ class OpenvinoModel(GraphModel):
         }
         super().__init__(path, batch_size)
 
-    def _compile(self, proto):
-        compiled = self._core.compile_model(
-            self._core.read_model(proto.SerializeToString()), "CPU", self._properties
-        )
+    def _read(self, path):
+        if not path.endswith(".xml"):
+            return super()._read(path)
+        import openvino as ov
+
+        try:
+            model = self._core.read_model(path)
+            meta, card = (
+                model.get_rt_info(list(k)).astype(str) for k in (IR_META_KEY, IR_CARD_KEY)
+            )
+        except RuntimeError as e:  # unreadable, or without its rt_info
+            raise errors.CheckpointError(
+                f"{path}: not an INT8 model exported by resunet_jax ({e})"
+            ) from e
+        card = json.loads(card)
+        if "routing" not in card:
+            return json.loads(meta), card, {"network": model}
+        # Each network alone: its input and its outputs, nothing of the other's.
+        networks = {
+            name: ov.Model(
+                [model.output(f"{output}.{name}").get_node() for output in OUTPUT_NAMES],
+                [model.input(f"{INPUT_NAME}.{name}").get_node()],
+                name,
+            )
+            for name in ROUTED_BRANCHES
+        }
+        return json.loads(meta), card, networks
+
+    def _compile(self, graph):
+        if not hasattr(graph, "get_parameters"):  # an ONNX ModelProto, not an ov.Model
+            graph = self._core.read_model(graph.SerializeToString())
+        compiled = self._core.compile_model(graph, "CPU", self._properties)
         streams = compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS")
-        requests = [compiled.create_infer_request() for _ in range(streams)]
-        return requests, [compiled.output(name) for name in OUTPUT_NAMES]
+        return [compiled.create_infer_request() for _ in range(streams)]
 
     @classmethod
     def load(
         cls, path: str, batch_size: int | None = None, precision: str = "auto"
     ) -> "OpenvinoModel":
+        if precision == "auto":
+            # The INT8 model where it was exported (as accurate as f32 for the shipped
+            # model: benchmarks/README.md), else bf16 or f32.
+            try:
+                find_onnx(path, int8=True)
+                precision = "int8"
+            except errors.CheckpointError:
+                pass
         model = cls(find_onnx(path, int8=precision == "int8"), precision, batch_size=batch_size)
         logging.info(
             "Predicting with %s on OpenVINO in %s (step %d)",
@@ -520,14 +565,15 @@ class OpenvinoModel(GraphModel):
         return model
 
     def _infer(self, name, images):
-        requests, outputs = self.networks[name]
+        requests = self.networks[name]
         parts = np.array_split(images, min(len(requests), len(images)))
         for request, part in zip(requests, parts, strict=False):
-            request.start_async({INPUT_NAME: part})
+            request.start_async({0: part})
         results = []
         for request, _ in zip(requests, parts, strict=False):
             request.wait()
-            results.append([request.get_tensor(output).data.copy() for output in outputs])
+            # Outputs in graph order: mask, tumor (OUTPUT_NAMES).
+            results.append([tensor.data.copy() for tensor in request.output_tensors])
         return tuple(np.concatenate(o) for o in zip(*results, strict=True))
 
 
@@ -610,13 +656,45 @@ REGISTRY = {"jax": JaxModel, "onnx": OnnxModel, "openvino": OpenvinoModel}
 GRAPH_BACKENDS = (("openvino", "openvino"), ("onnx", "onnxruntime"))
 
 
+def graph_is_current(path: str) -> bool:
+    """Whether `path` holds an exported graph (`find_onnx`) of the step its checkpoint, if
+    it has one, would restore: a graph exported before training went on is not."""
+    try:
+        graph = find_onnx(path)
+    except errors.CheckpointError:
+        return False
+    if not checkpointing.holds_checkpoint(path):
+        return True
+    step = checkpointing.preferred_step(path)
+    try:  # the JSON written with it (export.write_onnx), small
+        with open(graph[: -len(".onnx")] + ".json") as f:
+            exported = json.load(f)["meta"]["step"]
+    except (OSError, ValueError, KeyError):
+        import onnx
+
+        props = {p.key: p.value for p in onnx.load(graph).metadata_props}
+        exported = json.loads(props.get(META_KEY, "{}")).get("step")
+    if step is not None and step != exported:
+        logging.warning(
+            "%s: the exported graph %s is of step %d, the checkpoint's is %d; "
+            "inference.backend=auto runs the checkpoint on JAX (export it again for the "
+            "faster CPU backends)",
+            path,
+            graph,
+            exported,
+            step,
+        )
+        return False
+    return True
+
+
 def resolve_backend(backend: str, checkpoint: str, precision: str = "auto") -> str:
     """The backend that `config.inference.backend` names for `config.checkpoint`.
 
     "auto" is JAX on accelerators (GPU, TPU), and on CPUs the fastest installed engine
     for exported graphs (OpenVINO, else ONNX Runtime) where every model `checkpoint`
-    names has one (`find_onnx`), else JAX. A precision other than auto and f32 needs
-    OpenVINO.
+    names has its graph, of the checkpoint's step (`graph_is_current`), else JAX. A
+    precision other than auto and f32 needs OpenVINO.
 
     Raises:
         errors.ConfigError: precision bf16 or int8 where OpenVINO cannot run it.
@@ -624,12 +702,11 @@ def resolve_backend(backend: str, checkpoint: str, precision: str = "auto") -> s
     if backend != "auto":
         return backend
     needs_openvino = precision not in ("auto", "f32")
-    if jax.default_backend() == "cpu":
+    if jax.default_backend() == "cpu" and all(
+        map(graph_is_current, model_paths(checkpoint, "onnx"))
+    ):
         for name, module in GRAPH_BACKENDS:
-            if needs_openvino and name != "openvino":
-                continue
-            paths = model_paths(checkpoint, "onnx")
-            if importlib.util.find_spec(module) and all(map(OnnxModel.holds, paths)):
+            if importlib.util.find_spec(module) and (name == "openvino" or not needs_openvino):
                 return name
     if needs_openvino:
         raise errors.ConfigError(

@@ -13,8 +13,8 @@ training patients) are in its metadata_props, and in a JSON beside it for readin
 without ONNX.
 
 With `export.int8`, it also writes that graph's INT8 post-training quantization
-(NNCF), `model.int8.onnx` beside it (`write_int8`), calibrated on slices of the
-checkpoint's training patients.
+(NNCF), `model.int8.xml` (OpenVINO IR) beside it (`write_int8`), calibrated on slices
+of the checkpoint's training patients.
 
 With `inference.backend=onnx`, eval and predict run that graph on ONNX Runtime instead
 of the JAX model (`backends.OnnxModel`); with `inference.backend=openvino` on OpenVINO,
@@ -142,15 +142,15 @@ def write_onnx(variables: dict, meta: dict, path: str):
         json.dump({"model_card": card, "meta": meta}, f, indent=2)
 
 
-def calibration_inputs(config, workdir: str, meta: dict) -> np.ndarray:
+def calibration_inputs(config, workdir: str, meta: dict) -> dict:
     """Model inputs of the checkpoint's training patients, to calibrate its quantization.
 
     Never the patients it is scored on: the slices are `export.calibration_slices` of
     its training patients' (`meta["train_patients"]`) found under `data.dir`, evenly
     spaced over them in patient then slice order (tumour and tumour-free slices alike),
-    made as eval makes them (`evaluate.Evaluator`). For a routed pair every other one
-    has its pre-contrast replaced by the FLAIR (`eval.missing_sequences=pre`), so each
-    network is calibrated on slices routed to it.
+    made as eval makes them (`evaluate.Evaluator`). A routed pair's no-contrast network
+    is calibrated on the same slices routed to it: their pre-contrast replaced by the
+    FLAIR (`eval.missing_sequences=pre`).
 
     Args:
         config: the run config (`data.dir`, `export.calibration_slices`).
@@ -158,7 +158,8 @@ def calibration_inputs(config, workdir: str, meta: dict) -> np.ndarray:
         meta: the checkpoint's meta.
 
     Returns:
-        [n, S, S, C] float32 model inputs.
+        {network name: [n, S, S, C] float32 model inputs}, the names of
+        `backends.GraphModel.networks` ("network", or "complete" and "no_contrast").
 
     Raises:
         errors.DataError: none of the training patients is under `data.dir`.
@@ -176,54 +177,79 @@ def calibration_inputs(config, workdir: str, meta: dict) -> np.ndarray:
     count = len(evaluator.slices["image"])
     rows = np.unique(np.linspace(0, count - 1, min(config.export.calibration_slices, count)))
     rows = rows.round().astype(int)
-    images = evaluator.inputs(rows)
-    if meta["config"]["model"].get("no_contrast_expert", False):
-        evaluator.missing = np.array(inputs.MISSING_SEQUENCES["pre"])
-        images[1::2] = evaluator.inputs(rows[1::2])
     logging.info(
         "Calibrating the INT8 quantization on %d slices of %d training patients",
-        len(images),
+        len(rows),
         len(train_ids),
     )
+    if not meta["config"]["model"].get("no_contrast_expert", False):
+        return {"network": evaluator.inputs(rows)}
+    images = {"complete": evaluator.inputs(rows)}
+    evaluator.missing = np.array(inputs.MISSING_SEQUENCES["pre"])
+    images["no_contrast"] = evaluator.inputs(rows)
     return images
 
 
-def write_int8(path: str, images: np.ndarray) -> str:
+def write_int8(path: str, calibration: dict) -> str:
     """Writes the INT8 post-training quantization of the exported graph `path`.
 
-    NNCF's default (mixed) preset quantizes the convolutions' weights per channel and
-    their inputs per tensor, with ranges from the activations on `images`, and corrects
-    each convolution's bias for the shift quantization causes (fast bias correction);
-    the graph is written with QuantizeLinear/DequantizeLinear pairs, which OpenVINO runs
-    as INT8 convolutions. The metadata (meta, card) are the graph's, the card noting
-    the quantization.
+    Each network (both of a routed pair, `backends.routed_networks`, each calibrated on
+    its own slices) is quantized by NNCF on OpenVINO (its ONNX backend's results were
+    several times further from f32 here): the default (mixed) preset, weights per
+    channel and activations per tensor in INT8, ranges from the activations on the
+    calibration slices, each convolution's bias corrected for the shift quantization
+    causes. Written as OpenVINO IR (FakeQuantize before each convolution, which
+    OpenVINO's CPU plugin runs as INT8 convolutions), the graph's meta and card in its
+    rt_info (`backends.IR_META_KEY`), the card noting the quantization; a routed pair's
+    networks side by side in one model, each with its own input and outputs named
+    "<name>.<network>" (`backends.OpenvinoModel` runs each on its own slices).
 
     Args:
         path: the .onnx that `write_onnx` wrote.
-        images: [n, S, S, C] float32 calibration inputs (`calibration_inputs`).
+        calibration: {network name: [n, S, S, C] float32 inputs} (`calibration_inputs`).
 
     Returns:
-        The path written (`backends.int8_path`).
+        The path written (`backends.int8_path`; a .bin beside it holds the weights).
     """
     import nncf
     import onnx
+    import openvino as ov
 
     proto = onnx.load(path)
     props = {p.key: p.value for p in proto.metadata_props}
     card = json.loads(props[backends.CARD_KEY])
+    graphs = backends.routed_networks(proto) if "routing" in card else {"network": proto}
+    core = ov.Core()
+    quantized = {}
+    for name, graph in graphs.items():
+        images = calibration[name]
+        dataset = nncf.Dataset(images, lambda image: image[None])
+        network = core.read_model(graph.SerializeToString())
+        quantized[name] = nncf.quantize(network, dataset, subset_size=len(images))
+        if len(graphs) > 1:
+            network = quantized[name]
+            network.input(0).get_tensor().set_names({f"{backends.INPUT_NAME}.{name}"})
+            for output, output_name in zip(network.outputs, backends.OUTPUT_NAMES, strict=True):
+                output.get_tensor().set_names({f"{output_name}.{name}"})
+    model = quantized.get("network") or ov.Model(
+        [r for m in quantized.values() for r in m.get_results()],
+        [p for m in quantized.values() for p in m.get_parameters()],
+        "resunet",
+    )
+    slices = ", ".join(f"{len(images)} for {name}" for name, images in calibration.items())
     card["quantization"] = (
-        f"INT8 (NNCF {nncf.__version__} post-training quantization, calibrated on "
-        f"{len(images)} training slices)"
+        f"INT8 (NNCF {nncf.__version__} post-training quantization on OpenVINO, "
+        f"calibrated on training slices: {slices})"
     )
-    dataset = nncf.Dataset(images, lambda image: {backends.INPUT_NAME: image[None]})
-    quantized = nncf.quantize(proto, dataset, subset_size=len(images))
-    onnx.helper.set_model_props(
-        quantized,
-        {backends.META_KEY: props[backends.META_KEY], backends.CARD_KEY: json.dumps(card)},
-    )
+    model.set_rt_info(props[backends.META_KEY], list(backends.IR_META_KEY))
+    model.set_rt_info(json.dumps(card), list(backends.IR_CARD_KEY))
     out = backends.int8_path(path)
-    with atomic_write(out, "wb") as f:
-        onnx.save(quantized, f)
+    # Written in a temporary folder beside it and moved, .bin first: a reader never
+    # finds an .xml without its weights.
+    with tempfile.TemporaryDirectory(dir=os.path.dirname(os.path.abspath(out))) as tmp:
+        ov.save_model(model, os.path.join(tmp, "model.xml"), compress_to_fp16=False)
+        os.replace(os.path.join(tmp, "model.bin"), out[: -len(".xml")] + ".bin")
+        os.replace(os.path.join(tmp, "model.xml"), out)
     logging.info("Wrote the INT8 quantization of %s to %s", path, out)
     return out
 
