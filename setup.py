@@ -5,6 +5,9 @@ from setuptools import find_packages, setup
 # --mode=export and inference.backend=onnx (the tests export too). jax2onnx 0.13 and later
 # require orbax-checkpoint < 0.11.37, which conflicts with the orbax this project uses.
 ONNX = ["jax2onnx>=0.12.5,<0.13", "onnx>=1.20", "onnxruntime>=1.24"]
+# inference.backend=openvino (the fastest CPU inference: bf16 where the CPU has it) and
+# --mode=export --config.export.int8=True (NNCF's post-training quantization).
+OPENVINO = [*ONNX, "openvino>=2026.4", "nncf>=3.4"]
 
 setup(
     name="resunet_jax",
@@ -34,7 +37,8 @@ setup(
     # The report test renders predict/index.html in Debian's chromium (.ci/run installs it).
     extras_require={
         "onnx": ONNX,
-        "test": ["pytest", "pytest-xdist", "ruff", "selenium", *ONNX],
+        "openvino": OPENVINO,
+        "test": ["pytest", "pytest-xdist", "ruff", "selenium", *OPENVINO],
     },
     entry_points={"console_scripts": ["resunet-predict=resunet_jax.cli:main"]},
 )

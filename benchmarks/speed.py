@@ -16,7 +16,10 @@ Times are medians over `--steps` timed steps after warm-up (compilation excluded
 With `--backends` including onnx, the same model (same weights) is exported as
 `--mode=export` exports it and its inference on ONNX Runtime (`backends.OnnxModel`, the
 onnx backend of eval and predict) is timed too, on one more line ("impl": "onnxruntime",
-no train fields).
+no train fields); with openvino, OpenVINO's bf16 (where the CPU has it), f32 and INT8
+(`export.write_int8`, calibrated on the timed batch) lines ("impl": "openvino-bf16", ...):
+
+  python benchmarks/speed.py --device cpu --batch 8 --sizes 256 --backends onnx,openvino
 """
 
 import argparse
@@ -55,7 +58,7 @@ def main():
     p.add_argument("--sizes", default="256")
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    p.add_argument("--backends", default="jax", help="jax, onnx or jax,onnx")
+    p.add_argument("--backends", default="jax", help="comma-separated: jax, onnx, openvino")
     p.add_argument("--threads", type=int, default=0, help="ONNX Runtime threads; 0 = its default")
     args = p.parse_args()
     timed = args.backends.split(",")
@@ -115,29 +118,51 @@ def main():
                 result[f"{name}_ms_per_step"] = round(1000 * median, 2)
                 result[f"{name}_images_per_s"] = round(args.batch / median, 2)
             print(json.dumps(result), flush=True)
-        if "onnx" in timed:
+        if "onnx" in timed or "openvino" in timed:
             meta = {"step": 0, "config": config_schema.config_json(config)}
-            with tempfile.TemporaryDirectory() as tmp:
-                export.write_onnx(variables, meta, os.path.join(tmp, "model.onnx"))
-                onnx_model = backends.OnnxModel(os.path.join(tmp, "model.onnx"), args.threads)
             images = np.asarray(batch["image"]).reshape(args.batch, size, size, 3) / np.float32(255)
-            median = _median_seconds(lambda _, x, m=onnx_model: m(x), None, images, args.steps)
-            print(json.dumps(_onnx_result(result, onnx_model, args.threads, median)), flush=True)
+            with tempfile.TemporaryDirectory() as tmp:
+                path = os.path.join(tmp, "model.onnx")
+                export.write_onnx(variables, meta, path)
+                models_timed = []
+                if "onnx" in timed:
+                    models_timed.append(backends.OnnxModel(path, args.threads))
+                if "openvino" in timed:
+                    # INT8 calibrated on the random inputs themselves: for speed only.
+                    export.write_int8(path, {"network": images})
+                    for precision in ("bf16", "f32", "int8"):
+                        if precision == "bf16" and backends.cpu_float_precision() != "bf16":
+                            continue
+                        target = backends.int8_path(path) if precision == "int8" else path
+                        models_timed.append(backends.OpenvinoModel(target, precision, args.threads))
+                for graph_model in models_timed:
+                    median = _median_seconds(
+                        lambda _, x, m=graph_model: m(x), None, images, args.steps
+                    )
+                    line = _graph_result(result, graph_model, args.threads, median)
+                    print(json.dumps(line), flush=True)
 
 
-def _onnx_result(jax_result: dict, model, threads: int, median: float) -> dict:
-    """The ONNX Runtime line: the JAX line's model and input fields, its own timing."""
-    import onnxruntime as ort
+def _graph_result(jax_result: dict, model, threads: int, median: float) -> dict:
+    """The line of an exported graph's engine (ONNX Runtime, OpenVINO in one precision):
+    the JAX line's model and input fields, its own timing."""
+    if model.backend == "onnx":
+        import onnxruntime as engine
 
+        impl, device = "onnxruntime", model.providers[0]
+    else:
+        import openvino as engine
+
+        impl, device = f"openvino-{model.precision}", "CPU"
     keep = ("params", "size", "batch")
     return {
-        "impl": "onnxruntime",
-        "version": ort.__version__,
-        "device": model.session.get_providers()[0],
+        "impl": impl,
+        "version": engine.__version__,
+        "device": device,
         "devices": 1,
         "threads": threads or os.cpu_count(),
         **{k: jax_result[k] for k in keep},
-        "amp_bf16": False,
+        "amp_bf16": model.precision == "bf16",
         "compile": False,
         "infer_ms_per_step": round(1000 * median, 2),
         "infer_images_per_s": round(jax_result["batch"] / median, 2),

@@ -179,15 +179,27 @@ def get_config() -> ml_collections.ConfigDict:
     config.init_checkpoint = ""
 
     config.inference = ml_collections.ConfigDict()
-    # What runs the model in eval and predict: "jax", or "onnx" (ONNX Runtime on the
-    # graph --mode=export wrote; CPU inference several times faster than XLA's, no JAX
-    # model needed; resunet_jax/export.py).
-    config.inference.backend = "jax"
+    # What runs the model in eval and predict: "jax"; "onnx" (ONNX Runtime on the graph
+    # --mode=export wrote; no JAX model needed; resunet_jax/export.py); "openvino"
+    # (OpenVINO on that graph, the fastest on CPUs; pip install -e ".[openvino]"); or
+    # "auto": on a CPU the fastest of openvino and onnx installed where the checkpoint
+    # has its graph of the same step, else (and on GPUs and TPUs) jax.
+    config.inference.backend = "auto"
+    # The arithmetic of the openvino backend: "auto" (the INT8 model where
+    # --mode=export --config.export.int8=True wrote it beside model.onnx, else bf16 where
+    # the CPU has it, e.g. AVX512-BF16 or AMX, else f32), "f32", "bf16", or "int8". The
+    # jax and onnx backends take auto or f32 (jax: model.dtype).
+    config.inference.precision = "auto"
 
     config.export = ml_collections.ConfigDict()
     # --mode=export output: an .onnx (a .json beside it; "" = WORKDIR/export/model.onnx),
     # or a new folder for the weights and meta alone, as pretrained/ holds them.
     config.export.path = ""
+    # Also write its INT8 post-training quantization (NNCF; OpenVINO IR, model.int8.xml
+    # and .bin beside the .onnx), calibrated on this many slices of the checkpoint's
+    # training patients under data.dir (never on patients it is scored on).
+    config.export.int8 = False
+    config.export.calibration_slices = 300
 
     # Multi-host: call jax.distributed.initialize (auto-detects SLURM, TPU pods, ...).
     config.distributed = ml_collections.ConfigDict()

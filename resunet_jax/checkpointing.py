@@ -489,6 +489,12 @@ def _candidates(path: str) -> list[tuple[str, int]]:
     return [(path, s) for s in steps]
 
 
+def preferred_step(path: str) -> int | None:
+    """The step `restore_model` tries first at `path` (None: no step there)."""
+    candidates = _candidates(path)
+    return candidates[0][1] if candidates else None
+
+
 def restore_model(path: str) -> tuple[dict, dict]:
     """Restores model variables and metadata from a workdir or checkpoint path.
 

@@ -1,7 +1,8 @@
 """Console commands installed by `pip install -e .`: `resunet-predict`.
 
     resunet-predict -i STUDY_OR_FOLDER -o OUT [--model PATH | --ensemble]
-        [--backend jax|onnx] [--probabilities] [--uncertainty] [--flip-tta]
+        [--backend auto|jax|onnx|openvino] [--precision auto|f32|bf16|int8]
+        [--probabilities] [--uncertainty] [--flip-tta]
 
 Runs exactly what `launch.py --config=configs/resunet.py --mode=predict` runs
 (`predict.predict`), with the shipped model by default, and writes the same files into
@@ -15,7 +16,7 @@ import sys
 
 from absl import logging
 
-from resunet_jax import backends, config_schema, errors, predict
+from resunet_jax import config_schema, errors, predict
 
 # The checkout that `pip install -e .` installed: configs/ and pretrained/ beside the package.
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -42,18 +43,20 @@ def parser() -> argparse.ArgumentParser:
         "--backend",
         default="",
         choices=config_schema.BACKENDS,
-        help="what runs the model (default: onnx where the model has model.onnx, else jax)",
+        help="what runs the model (default auto: OpenVINO, else ONNX Runtime, where the "
+        "model has its exported graph; else jax)",
+    )
+    p.add_argument(
+        "--precision",
+        default="",
+        choices=config_schema.PRECISIONS,
+        help="OpenVINO's arithmetic (default auto: INT8 where exported, else bf16 where "
+        "the CPU has it, else f32)",
     )
     p.add_argument("--probabilities", action="store_true", help="also write probability maps")
     p.add_argument("--uncertainty", action="store_true", help="also write uncertainty maps")
     p.add_argument("--flip-tta", action="store_true", help="average with mirrored slices (2x)")
     return p
-
-
-def _has_onnx(path: str) -> bool:
-    """Whether every model `path` names has an exported graph (`backends.find_onnx`)."""
-    paths = backends.model_paths(path, "onnx")
-    return all(backends.OnnxModel.holds(p) for p in paths)
 
 
 def predict_config(args: argparse.Namespace):
@@ -65,11 +68,8 @@ def predict_config(args: argparse.Namespace):
     config.predict.save_probabilities = args.probabilities
     config.predict.save_uncertainty = args.uncertainty
     config.eval.flip_tta = args.flip_tta
-    if args.backend:
-        config.inference.backend = args.backend
-    elif _has_onnx(config.checkpoint):
-        # ONNX Runtime is the faster CPU engine for an exported model (benchmarks/README.md).
-        config.inference.backend = "onnx"
+    config.inference.backend = args.backend or config.inference.backend
+    config.inference.precision = args.precision or config.inference.precision
     config = config_schema.resolve_defaults(config)
     config_schema.validate(config, "predict")
     return config

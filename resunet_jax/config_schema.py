@@ -29,7 +29,9 @@ PIPELINES = ("tfdata", "device")  # data.pipeline
 EVAL_SPLITS = ("val", "all")  # eval.split
 POSTPROCESS = ("none", "largest_component")  # eval.postprocess
 MISSING_SEQUENCES = ("", "pre", "post", "both")  # eval.missing_sequences (inputs.py)
-BACKENDS = ("jax", "onnx")  # inference.backend
+# inference.backend: backends.REGISTRY, and "auto" (backends.resolve_backend)
+BACKENDS = ("jax", "onnx", "openvino", "auto")
+PRECISIONS = ("auto", "f32", "bf16", "int8")  # inference.precision
 
 
 def resolve_defaults(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -84,6 +86,16 @@ def validate(config: ml_collections.ConfigDict, mode: str) -> None:
     _choices(config, "eval.postprocess", POSTPROCESS)
     _choices(config, "eval.missing_sequences", MISSING_SEQUENCES)
     _choices(config, "inference.backend", BACKENDS)
+    _choices(config, "inference.precision", PRECISIONS)
+    if config.inference.backend in ("jax", "onnx") and config.inference.precision not in (
+        "auto",
+        "f32",
+    ):
+        _fail(
+            config,
+            "inference.precision",
+            f"runs on inference.backend=openvino (or auto), not {config.inference.backend}",
+        )
 
     for field in (
         "batch_size",
@@ -98,6 +110,7 @@ def validate(config: ml_collections.ConfigDict, mode: str) -> None:
         "synthetic.num_patients",
         "synthetic.slices_per_patient",
         "synthetic.size",
+        "export.calibration_slices",
     ):
         _at_least(config, field, 1)
     for field in (
@@ -162,12 +175,12 @@ def validate(config: ml_collections.ConfigDict, mode: str) -> None:
                 "the one for scans without the pre-contrast on their own and join them with "
                 "checkpointing.join_no_contrast_expert",
             )
-        if config.inference.backend != "jax":
+        if config.inference.backend not in ("jax", "auto"):
             _fail(
                 config,
                 "inference.backend",
-                "onnx runs an exported model in eval and predict; training validates its "
-                "own weights with the jax backend",
+                f"{config.inference.backend} runs an exported model in eval and predict; "
+                "training validates its own weights with the jax backend",
             )
     out = config.export.path
     if mode == "export" and out and not out.endswith(".onnx") and os.path.exists(out):

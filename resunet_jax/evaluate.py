@@ -344,7 +344,8 @@ def evaluate_checkpoint(config, workdir: str, source: sources.Source | None = No
     """Restores a checkpoint, evaluates it on `eval.split`, and writes `workdir/eval/`.
 
     The checkpoint is `config.checkpoint` if set, else the workdir's best (else latest);
-    with inference.backend=onnx, the exported model there (`backends.find_onnx`).
+    with inference.backend=onnx or openvino, the exported model there
+    (`backends.find_onnx`).
 
     Args:
         config: run config.
@@ -382,6 +383,9 @@ def evaluate_checkpoint(config, workdir: str, source: sources.Source | None = No
         # "" = the images as they are; else the sequences replaced by the FLAIR.
         missing_sequences=config.eval.missing_sequences,
         patients_seen_in_training=len(seen),
+        # What ran the model: bf16 and int8 figures differ slightly from f32 ones.
+        backend=model.backend,
+        precision=model.precision,
     )
     if "members" in meta:  # an ensemble (backends.Ensemble.meta)
         summary["ensemble_members"] = meta["members"]

@@ -12,8 +12,14 @@ detection threshold) and the checkpoint's meta (config, step, validation metrics
 training patients) are in its metadata_props, and in a JSON beside it for reading
 without ONNX.
 
+With `export.int8`, it also writes that graph's INT8 post-training quantization
+(NNCF), `model.int8.xml` (OpenVINO IR) beside it (`write_int8`), calibrated on slices
+of the checkpoint's training patients.
+
 With `inference.backend=onnx`, eval and predict run that graph on ONNX Runtime instead
-of the JAX model (`backends.OnnxModel`).
+of the JAX model (`backends.OnnxModel`); with `inference.backend=openvino` on OpenVINO,
+in bf16 where the CPU has it, f32, or (`inference.precision=int8`) the INT8 graph
+(`backends.OpenvinoModel`).
 """
 
 import contextlib
@@ -25,9 +31,11 @@ import tempfile
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from absl import logging
 
-from resunet_jax import backends, checkpointing, models
+from resunet_jax import backends, checkpointing, config_schema, errors, evaluate, inputs, models
+from resunet_jax.data import sources
 from resunet_jax.workdir import atomic_write
 
 CHANNELS = ("pre-contrast", "FLAIR", "post-contrast")
@@ -84,22 +92,27 @@ def export(config, workdir: str) -> str:
 
     The checkpoint is `config.checkpoint`, else the workdir's best (else latest). An
     `export.path` ending in .onnx (the default, WORKDIR/export/model.onnx) gets the ONNX
-    graph and a JSON beside it (`write_onnx`); any other path is a folder that gets the
-    model's variables and meta alone, without optimizer state or other steps, as
-    pretrained/ holds them (a third of a training checkpoint's size; restorable wherever
-    `config.checkpoint` is read).
+    graph and a JSON beside it (`write_onnx`), and with `export.int8` its INT8
+    quantization beside it (`write_int8`, calibrated on `calibration_inputs`); any other
+    path is a folder that gets the model's variables and meta alone, without optimizer
+    state or other steps, as pretrained/ holds them (a third of a training checkpoint's
+    size; restorable wherever `config.checkpoint` is read).
 
     Returns:
         The path written.
 
     Raises:
         errors.CheckpointError: no checkpoint at the path.
+        errors.DataError: with `export.int8`, no training patient of the checkpoint under
+            `data.dir` to calibrate on.
     """
     path = config.checkpoint or workdir
     out = config.export.path or os.path.join(workdir, "export", backends.ONNX_NAME)
     variables, meta = checkpointing.restore_model(path)
     if out.endswith(".onnx"):
         write_onnx(variables, meta, out)
+        if config.export.get("int8", False):
+            write_int8(out, calibration_inputs(config, workdir, meta))
     else:
         checkpointing.export_model(out, variables, meta)
     logging.info("Exported %s step %d to %s", path, int(meta["step"]), out)
@@ -127,6 +140,118 @@ def write_onnx(variables: dict, meta: dict, path: str):
         onnx.save(proto, f)
     with atomic_write(path[: -len(".onnx")] + ".json") as f:
         json.dump({"model_card": card, "meta": meta}, f, indent=2)
+
+
+def calibration_inputs(config, workdir: str, meta: dict) -> dict:
+    """Model inputs of the checkpoint's training patients, to calibrate its quantization.
+
+    Never the patients it is scored on: the slices are `export.calibration_slices` of
+    its training patients' (`meta["train_patients"]`) found under `data.dir`, evenly
+    spaced over them in patient then slice order (tumour and tumour-free slices alike),
+    made as eval makes them (`evaluate.Evaluator`). A routed pair's no-contrast network
+    is calibrated on the same slices routed to it: their pre-contrast replaced by the
+    FLAIR (`eval.missing_sequences=pre`).
+
+    Args:
+        config: the run config (`data.dir`, `export.calibration_slices`).
+        workdir: the run directory (synthetic data are generated there).
+        meta: the checkpoint's meta.
+
+    Returns:
+        {network name: [n, S, S, C] float32 model inputs}, the names of
+        `backends.GraphModel.networks` ("network", or "complete" and "no_contrast").
+
+    Raises:
+        errors.DataError: none of the training patients is under `data.dir`.
+    """
+    config = config_schema.checkpoint_config(config, meta)
+    source = sources.open_source(config, workdir, split=False)
+    train_ids = sorted(set(meta.get("train_patients", ())) & set(source.patient_ids))
+    if not train_ids:
+        raise errors.DataError(
+            f"{source.data_dir}: none of the checkpoint's {len(meta.get('train_patients', ()))} "
+            "training patients is here; --config.export.int8 calibrates on them, so "
+            "--config.data.dir must be the data it was trained on"
+        )
+    evaluator = evaluate.Evaluator(source, config, train_ids)
+    count = len(evaluator.slices["image"])
+    rows = np.unique(np.linspace(0, count - 1, min(config.export.calibration_slices, count)))
+    rows = rows.round().astype(int)
+    logging.info(
+        "Calibrating the INT8 quantization on %d slices of %d training patients",
+        len(rows),
+        len(train_ids),
+    )
+    if not meta["config"]["model"].get("no_contrast_expert", False):
+        return {"network": evaluator.inputs(rows)}
+    images = {"complete": evaluator.inputs(rows)}
+    evaluator.missing = np.array(inputs.MISSING_SEQUENCES["pre"])
+    images["no_contrast"] = evaluator.inputs(rows)
+    return images
+
+
+def write_int8(path: str, calibration: dict) -> str:
+    """Writes the INT8 post-training quantization of the exported graph `path`.
+
+    Each network (both of a routed pair, `backends.routed_networks`, each calibrated on
+    its own slices) is quantized by NNCF on OpenVINO (its ONNX backend's results were
+    several times further from f32 here): the default (mixed) preset, weights per
+    channel and activations per tensor in INT8, ranges from the activations on the
+    calibration slices, each convolution's bias corrected for the shift quantization
+    causes. Written as OpenVINO IR (FakeQuantize before each convolution, which
+    OpenVINO's CPU plugin runs as INT8 convolutions), the graph's meta and card in its
+    rt_info (`backends.IR_META_KEY`), the card noting the quantization; a routed pair's
+    networks side by side in one model, each with its own input and outputs named
+    "<name>.<network>" (`backends.OpenvinoModel` runs each on its own slices).
+
+    Args:
+        path: the .onnx that `write_onnx` wrote.
+        calibration: {network name: [n, S, S, C] float32 inputs} (`calibration_inputs`).
+
+    Returns:
+        The path written (`backends.int8_path`; a .bin beside it holds the weights).
+    """
+    import nncf
+    import onnx
+    import openvino as ov
+
+    proto = onnx.load(path)
+    props = {p.key: p.value for p in proto.metadata_props}
+    card = json.loads(props[backends.CARD_KEY])
+    graphs = backends.routed_networks(proto) if "routing" in card else {"network": proto}
+    core = ov.Core()
+    quantized = {}
+    for name, graph in graphs.items():
+        images = calibration[name]
+        dataset = nncf.Dataset(images, lambda image: image[None])
+        network = core.read_model(graph.SerializeToString())
+        quantized[name] = nncf.quantize(network, dataset, subset_size=len(images))
+        if len(graphs) > 1:
+            network = quantized[name]
+            network.input(0).get_tensor().set_names({f"{backends.INPUT_NAME}.{name}"})
+            for output, output_name in zip(network.outputs, backends.OUTPUT_NAMES, strict=True):
+                output.get_tensor().set_names({f"{output_name}.{name}"})
+    model = quantized.get("network") or ov.Model(
+        [r for m in quantized.values() for r in m.get_results()],
+        [p for m in quantized.values() for p in m.get_parameters()],
+        "resunet",
+    )
+    slices = ", ".join(f"{len(images)} for {name}" for name, images in calibration.items())
+    card["quantization"] = (
+        f"INT8 (NNCF {nncf.__version__} post-training quantization on OpenVINO, "
+        f"calibrated on training slices: {slices})"
+    )
+    model.set_rt_info(props[backends.META_KEY], list(backends.IR_META_KEY))
+    model.set_rt_info(json.dumps(card), list(backends.IR_CARD_KEY))
+    out = backends.int8_path(path)
+    # Written in a temporary folder beside it and moved, .bin first: a reader never
+    # finds an .xml without its weights.
+    with tempfile.TemporaryDirectory(dir=os.path.dirname(os.path.abspath(out))) as tmp:
+        ov.save_model(model, os.path.join(tmp, "model.xml"), compress_to_fp16=False)
+        os.replace(os.path.join(tmp, "model.bin"), out[: -len(".xml")] + ".bin")
+        os.replace(os.path.join(tmp, "model.xml"), out)
+    logging.info("Wrote the INT8 quantization of %s to %s", path, out)
+    return out
 
 
 def to_onnx(variables: dict, meta: dict):

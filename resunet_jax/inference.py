@@ -16,7 +16,7 @@ detection threshold, and with `eval.postprocess=largest_component` the largest 3
 component is kept. A joined model (`model.no_contrast_expert`, the shipped one) routes
 each slice whose pre-contrast is a FLAIR copy to its no-contrast network.
 `--mode=predict` is built on this module; the model is what `backends.restore` gives
-(`inference.backend`: the JAX model or ONNX Runtime).
+(`inference.backend`: the JAX model, ONNX Runtime or OpenVINO).
 
 Several checkpoints (comma-separated, or a folder of runs: `backends.model_paths`)
 restore as a `backends.Ensemble`: each member routes and predicts the slices as it
@@ -77,7 +77,11 @@ class Predictor:
 
     @classmethod
     def from_checkpoint(
-        cls, path: str, config: ml_collections.ConfigDict | None = None, backend: str = ""
+        cls,
+        path: str,
+        config: ml_collections.ConfigDict | None = None,
+        backend: str = "",
+        precision: str = "",
     ):
         """Restores a workdir, checkpoint or exported model (`backends.restore`).
 
@@ -88,11 +92,14 @@ class Predictor:
             config: run config for the evaluation settings (`eval.*`); the model-defining
                 fields always come from the checkpoint (`config_schema.checkpoint_config`).
                 None: the checkpoint's own config.
-            backend: "jax" or "onnx" (ONNX Runtime); "" = `config.inference.backend`, or
-                "jax" without a config.
+            backend: "jax", "onnx" (ONNX Runtime), "openvino" or "auto" (the fastest
+                installed for the model: `backends.resolve_backend`); "" =
+                `config.inference.backend`, or "jax" without a config.
+            precision: "auto", "f32", "bf16" or "int8" (bf16 and int8 on OpenVINO); "" =
+                `config.inference.precision`, or "auto" without a config.
         """
         backend = backend or (config.inference.backend if config is not None else "jax")
-        model = backends.restore(path, backend, config)
+        model = backends.restore(path, backend, config, precision or None)
         config = config_schema.checkpoint_config(
             config or ml_collections.ConfigDict(model.meta["config"]), model.meta
         )

@@ -31,7 +31,8 @@ Output in `WORKDIR/predict/`, mirroring the input's paths:
   component's share of it, the mean pixel probability over the predicted lesion, and
   `notes`: what a volume is where it differs from the training data (skull-stripped,
   not named a FLAIR, thick, non-axial or oblique slices, a sequence resampled onto the
-  FLAIR's grid or dropped, reframed; `volumes.read_volume`), "; "-separated.
+  FLAIR's grid or dropped, reframed; `volumes.read_volume`), "; "-separated; and the
+  `backend` and `precision` that predicted it (`backends.Model`).
 The `uncertainty` of a row (slice, volume or patient) is the mean pixel uncertainty over
 its predicted mask (`lesion_uncertainty`), empty where the mask is. Probability and
 uncertainty maps are the model's, before the slice detection gate that empties the
@@ -88,6 +89,8 @@ PATIENT_FIELDS = (
     "preview_file",
     "notes",
     "error",
+    "backend",
+    "precision",
 )
 
 
@@ -409,6 +412,8 @@ def predict(config, workdir: str, out_dir: str = "") -> list[dict]:
         else:
             reframe = config.predict.get("reframe", True)
             _predict_volume(predictor, item, out_dir, save, rows, patients, reframe)
+    for row in patients:  # what predicted them: figures from bf16 or int8 are told apart
+        row.update(backend=predictor.model.backend, precision=predictor.model.precision)
     _write_csv(os.path.join(out_dir, CSV_NAME), CSV_FIELDS, rows)
     _write_csv(os.path.join(out_dir, PATIENTS_NAME), PATIENT_FIELDS, patients)
     json_path = os.path.join(out_dir, PATIENTS_NAME.replace(".csv", ".json"))

@@ -102,7 +102,7 @@ def test_bad_value_through_launch_is_one_line_and_writes_nothing(tmp_path, flag,
 def test_each_allowed_value_list_is_the_registry_it_names():
     assert tuple(losses.LOSSES) == config_schema.LOSSES
     assert tuple(inputs.MISSING_SEQUENCES) == config_schema.MISSING_SEQUENCES
-    assert tuple(backends.REGISTRY) == config_schema.BACKENDS
+    assert (*backends.REGISTRY, "auto") == config_schema.BACKENDS  # auto: resolve_backend
 
 
 def test_the_schema_imports_no_training_code():
