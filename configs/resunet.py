@@ -199,7 +199,7 @@ def get_config() -> ml_collections.ConfigDict:
     # and .bin beside the .onnx), calibrated on this many slices of the checkpoint's
     # training patients under data.dir (never on patients it is scored on).
     config.export.int8 = False
-    config.export.calibration_slices = 300
+    config.export.calibration_slices = 600
 
     # Multi-host: call jax.distributed.initialize (auto-detects SLURM, TPU pods, ...).
     config.distributed = ml_collections.ConfigDict()
