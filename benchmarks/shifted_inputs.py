@@ -6,7 +6,10 @@
 Each patient's three sequences (pre-contrast, FLAIR, post-contrast .tif slices, taken as
 0.9 x 0.9 x 4 mm) are written as NIfTI volumes in each form of `FORMS`, the reference
 mask carried onto the form's grid the same way (linear, > 0.5). `predict.predict` (what
-`--mode=predict` runs) predicts every form and the .tif folders; each written mask is
+`--mode=predict` runs) predicts every form and the .tif folders with the config
+`resunet-predict` makes (`cli.predict_config`: by default flip TTA, the model's
+calibrated rules and the fastest installed backend; `--predict_args=--no-flip-tta` is
+`--mode=predict`'s default config); each written mask is
 scored against the reference on its own grid with the per-volume Dice of evaluation
 (2|P∩G| / (|P| + |G|) over the whole volume). Prints one JSON line per patient and
 form, then a table: per form the mean (median) Dice, the mean difference to the .tif
@@ -186,6 +189,12 @@ def main():
     p.add_argument("--num_patients", type=int, default=0, help="first N of the fold; 0 = all")
     p.add_argument("--forms", default=",".join(FORMS), help="comma-separated subset of FORMS")
     p.add_argument("--json", default="", help="also write the rows and summary here")
+    p.add_argument(
+        "--predict_args",
+        default="",
+        help="resunet-predict's options, as one string (default: its defaults, flip TTA "
+        "and the fastest backend; '--no-flip-tta' is launch.py --mode=predict's default)",
+    )
     args = p.parse_args()
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
@@ -193,8 +202,7 @@ def main():
     import numpy as np
     import tifffile
 
-    from configs import resunet
-    from resunet_jax import predict
+    from resunet_jax import cli, predict
     from resunet_jax.data import lgg, volumes
 
     forms = [f for f in args.forms.split(",") if f]
@@ -208,7 +216,7 @@ def main():
     def dice(pred, true):
         return float(2 * (pred & true).sum() / max(pred.sum() + true.sum(), 1))
 
-    rows, notes = [], collections.defaultdict(collections.Counter)
+    rows, notes, engines = [], collections.defaultdict(collections.Counter), set()
     with tempfile.TemporaryDirectory() as tmp:
         truth, references = {}, collections.defaultdict(dict)
         os.makedirs(os.path.join(tmp, "tif"))
@@ -233,15 +241,16 @@ def main():
                     nib.save(image, os.path.join(tmp, form, pid, f"{pid}_{role}.nii.gz"))
 
         for kind in ("tif", *forms):
-            config = resunet.get_config()
-            config.checkpoint = args.checkpoint
-            config.predict.input = os.path.join(tmp, kind)
+            options = ["-i", os.path.join(tmp, kind), "-o", os.path.join(tmp, "unused")]
+            options += ["--model", args.checkpoint, *args.predict_args.split()]
+            config = cli.predict_config(cli.parser().parse_args(options))
             workdir = os.path.join(tmp, "work", kind)
             predict.predict(config, workdir)
             out = os.path.join(workdir, "predict")
-            if kind != "tif":
-                with open(os.path.join(out, predict.PATIENTS_NAME)) as f:
-                    for row in csv.DictReader(f):
+            with open(os.path.join(out, predict.PATIENTS_NAME)) as f:
+                for row in csv.DictReader(f):
+                    engines.add(f"{row['backend']} {row['precision']}")
+                    if kind != "tif":
                         for note in filter(None, row["notes"].split("; ")):
                             # The note's kind, without its numbers (pixel size, share).
                             notes[kind][note.split(" (")[0].split(" at ")[0]] += 1
@@ -270,7 +279,13 @@ def main():
     for row in rows:
         by_form[row["form"]][row["patient"]] = row["dice"]
     tif = np.array([by_form["tif"][pid] for pid in ids])
-    summary = {"checkpoint": args.checkpoint, "fold": args.fold, "num_patients": len(ids)}
+    summary = {
+        "checkpoint": args.checkpoint,
+        "fold": args.fold,
+        "num_patients": len(ids),
+        "predict_args": args.predict_args,
+        "backends": sorted(engines),
+    }
     print(f"\n{len(ids)} patients of fold {args.fold}, {args.checkpoint}")
     print(f"{'form':<22} {'Dice mean':>9} {'median':>7} {'vs .tif':>8}  notes (patients)")
     for kind in ("tif", *forms):

@@ -2,10 +2,11 @@
 
     resunet-predict -i STUDY_OR_FOLDER -o OUT [--model PATH | --ensemble]
         [--backend auto|jax|onnx|openvino] [--precision auto|f32|bf16|int8]
-        [--probabilities] [--uncertainty] [--flip-tta]
+        [--probabilities] [--uncertainty] [--no-flip-tta]
 
 Runs exactly what `launch.py --config=configs/resunet.py --mode=predict` runs
-(`predict.predict`), with the shipped model by default, and writes the same files into
+(`predict.predict`), with the shipped model and flip TTA (`eval.flip_tta`, which its
+calibrated rules and the review flag need) by default, and writes the same files into
 OUT instead of WORKDIR/predict/ (an earlier OUT is moved aside, never overwritten).
 `launch.py` stays the research entry point, with every config key.
 """
@@ -55,7 +56,13 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--probabilities", action="store_true", help="also write probability maps")
     p.add_argument("--uncertainty", action="store_true", help="also write uncertainty maps")
-    p.add_argument("--flip-tta", action="store_true", help="average with mirrored slices (2x)")
+    p.add_argument(
+        "--flip-tta",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="average with the mirrored slices (twice the time): what the shipped models' "
+        "calibrated rules and the review flag are chosen with (default: on)",
+    )
     return p
 
 

@@ -15,7 +15,7 @@ from selenium.webdriver.common.by import By
 from test_predict import _export_tiny
 from test_volumes import _patient, _write_nifti
 
-from resunet_jax import config_schema, errors, progress, visualize
+from resunet_jax import cli, config_schema, errors, progress, visualize
 from resunet_jax.data import volumes
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -64,6 +64,7 @@ def test_console_command_writes_what_mode_predict_writes(study):
         "--mode=predict",
         f"--config.checkpoint={model}",
         f"--config.predict.input={root / 'in'}",
+        "--config.eval.flip_tta=True",  # resunet-predict's default
     )
     assert launch.returncode == 0, launch.stderr
     out, work = root / "out", root / "work" / "predict"
@@ -79,6 +80,19 @@ def test_console_command_writes_what_mode_predict_writes(study):
     assert again.returncode == 0, again.stderr
     kept = [p for p in os.listdir(root) if p.startswith("out_")]
     assert len(kept) == 1 and "P2_pred_mask.nii.gz" in os.listdir(root / kept[0])
+
+
+def test_console_command_defaults_and_options():
+    """Flip TTA on (the calibrated rules and the review flag need it), the config's
+    backend and precision (auto) unless named."""
+    config = cli.predict_config(cli.parser().parse_args(["-i", "x.nii", "-o", "out"]))
+    assert config.eval.flip_tta is True
+    assert (config.inference.backend, config.inference.precision) == ("auto", "auto")
+    assert config.checkpoint == cli.MODEL and config.predict.input == "x.nii"
+    args = ["-i", "x", "-o", "o", "--no-flip-tta", "--backend", "onnx", "--precision", "f32"]
+    config = cli.predict_config(cli.parser().parse_args(args))
+    assert config.eval.flip_tta is False
+    assert (config.inference.backend, config.inference.precision) == ("onnx", "f32")
 
 
 def test_console_command_bad_input_is_one_line(study, tmp_path):
