@@ -196,9 +196,9 @@ def write_int8(path: str, calibration: dict) -> str:
     Each network (both of a routed pair, `backends.routed_networks`, each calibrated on
     its own slices) is quantized by NNCF on OpenVINO (its ONNX backend's results were
     several times further from f32 here): the mixed preset, weights per channel
-    (symmetric) and activations per tensor (asymmetric) in INT8, ranges from the activations on the
-    calibration slices, each convolution's bias corrected for the shift quantization
-    causes. Written as OpenVINO IR (FakeQuantize before each convolution, which
+    (symmetric) and activations per tensor (asymmetric) in INT8, ranges from the
+    activations on the calibration slices, each convolution's bias corrected for the
+    shift quantization causes. Written as OpenVINO IR (FakeQuantize before each convolution, which
     OpenVINO's CPU plugin runs as INT8 convolutions), the graph's meta and card in its
     rt_info (`backends.IR_META_KEY`), the card noting the quantization; a routed pair's
     networks side by side in one model, each with its own input and outputs named
@@ -311,14 +311,9 @@ def to_onnx(variables: dict, meta: dict):
     # jax2onnx annotates some NHWC intermediates with NCHW shapes, which ONNX Runtime
     # warns about; the shapes are inferred again from the graph.
     del proto.graph.value_info[:]
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
     with tempfile.TemporaryDirectory(prefix="resunet_onnx_") as tmp:
-        raw, optimized = os.path.join(tmp, "raw.onnx"), os.path.join(tmp, "basic.onnx")
-        onnx.save(proto, raw)
-        options.optimized_model_filepath = optimized
-        ort.InferenceSession(raw, options, providers=["CPUExecutionProvider"])
-        proto = _transposes_cancelled(_upsampling_as_resize(onnx.load(optimized)), tmp)
+        basic = _ort_optimised(proto, ort.GraphOptimizationLevel.ORT_ENABLE_BASIC, tmp)
+        proto = _transposes_cancelled(_upsampling_as_resize(basic), tmp)
     # ONNX Runtime declares all its operator domains; keep those the graph uses.
     used = {node.domain for node in proto.graph.node}
     kept = [o for o in proto.opset_import if o.domain in used]
@@ -329,27 +324,35 @@ def to_onnx(variables: dict, meta: dict):
     return proto
 
 
-def _transposes_cancelled(proto, tmp: str):
-    """The graph with the layout Transposes that jax2onnx writes around NHWC operations
-    moved through the elementwise operators, Resizes and Concats and cancelled, as ONNX
-    Runtime's extended optimisation does: one Transpose is left at the input and one at
-    the output, 14 before. ONNX Runtime does this again at load, but OpenVINO does not,
-    and ran the graph at half the speed of the same network exported from PyTorch. The
-    fusion that would write ONNX Runtime's own operator (FusedConv) is left out, so any
-    ONNX runtime reads the graph; should another such operator appear, the graph is
-    returned as it came.
-    """
+def _ort_optimised(proto, level, tmp: str, disabled=()):
+    """The graph as ONNX Runtime's CPU optimisation at `level` leaves it (written to and
+    read from the folder `tmp`), without the optimisers named in `disabled`."""
     import onnx
     import onnxruntime as ort
 
-    raw, optimized = os.path.join(tmp, "resize.onnx"), os.path.join(tmp, "extended.onnx")
+    raw, optimized = os.path.join(tmp, "in.onnx"), os.path.join(tmp, "optimized.onnx")
     onnx.save(proto, raw)
     options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    options.graph_optimization_level = level
     options.optimized_model_filepath = optimized
-    disabled = ["ConvActivationFusion"]
     ort.InferenceSession(raw, options, ["CPUExecutionProvider"], disabled_optimizers=disabled)
-    out = onnx.load(optimized)
+    return onnx.load(optimized)
+
+
+def _transposes_cancelled(proto, tmp: str):
+    """The graph with the layout Transposes that jax2onnx writes around NHWC operations
+    moved through the elementwise operators, Resizes and Concats and cancelled, as ONNX
+    Runtime's extended optimisation does, leaving one at the input and one at the
+    output. ONNX Runtime does this again at load, but OpenVINO does not, and ran the
+    graph at half the speed of the same network exported from PyTorch. The fusion that
+    would write ONNX Runtime's own operator (FusedConv) is left out, so any ONNX runtime
+    reads the graph; should another such operator appear, the graph is returned as it
+    came.
+    """
+    import onnxruntime as ort
+
+    level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    out = _ort_optimised(proto, level, tmp, disabled=["ConvActivationFusion"])
     if any(node.domain not in ("", "ai.onnx") for node in out.graph.node):
         logging.warning("ONNX Runtime's extended optimisation wrote its own operators; not used")
         return proto
