@@ -31,6 +31,7 @@ setup(
         "absl-py",
         "ml-collections",
         "matplotlib",
+        "pillow",  # the previews (visualize.volume_preview)
         "tensorboard",
         "tqdm",  # progress bars on a terminal (progress.py)
     ],

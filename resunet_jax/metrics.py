@@ -1,12 +1,11 @@
 """Segmentation and detection metrics.
 
-Device-side functions reduce each slice to a few counts (`slice_counts`); the host
-aggregates those counts per patient (`summarize`). Dice per volume follows Buda et
-al. 2019: 2|P∩G| / (|P|+|G|) over all slices of a patient, leaving out patients
-without tumour.
+`slice_counts` reduces each slice to a few counts (in the training step, or on the host
+in evaluation); the host aggregates those counts per patient (`summarize`). Dice per
+volume follows Buda et al. 2019: 2|P∩G| / (|P|+|G|) over all slices of a patient, leaving
+out patients without tumour.
 """
 
-import jax.numpy as jnp
 import numpy as np
 from scipy import stats
 
@@ -16,6 +15,10 @@ from resunet_jax import postprocess
 def slice_counts(pred_masks, true_masks):
     """Per-slice overlap counts.
 
+    Written with the arrays' own methods, so jax arrays are counted by jax (inside the
+    training step) and numpy arrays by numpy (evaluation's host side: converting its
+    masks to jax arrays cost more than the counting).
+
     Args:
         pred_masks: [B, H, W, 1] (or [B, H, W]) predicted masks, bool or {0, 1}.
         true_masks: same shape, ground truth.
@@ -23,12 +26,12 @@ def slice_counts(pred_masks, true_masks):
     Returns:
         Dict of [B] float32 arrays: `intersection` |P∩G|, `pred_area` |P|, `true_area` |G|.
     """
-    pred = pred_masks.astype(jnp.float32).reshape(pred_masks.shape[0], -1)
-    true = true_masks.astype(jnp.float32).reshape(true_masks.shape[0], -1)
+    pred = pred_masks.reshape(pred_masks.shape[0], -1) > 0
+    true = true_masks.reshape(true_masks.shape[0], -1) > 0
     return {
-        "intersection": jnp.sum(pred * true, axis=1),
-        "pred_area": jnp.sum(pred, axis=1),
-        "true_area": jnp.sum(true, axis=1),
+        "intersection": (pred & true).sum(axis=1).astype(np.float32),
+        "pred_area": pred.sum(axis=1).astype(np.float32),
+        "true_area": true.sum(axis=1).astype(np.float32),
     }
 
 

@@ -1,13 +1,19 @@
-"""Matplotlib figures of evaluation results (PNG, no display needed).
+"""Figures of evaluation results (PNG, no display needed).
 
-Figures are drawn on their own Agg canvas, not through pyplot: no global backend to
-choose, no display needed, and nothing to close.
+Matplotlib figures are drawn on their own Agg canvas, not through pyplot: no global
+backend to choose, no display needed, and nothing to close. The per-patient previews
+are composed as arrays and written by Pillow.
 """
 
 import numpy as np
 from matplotlib import image as mpl_image
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from PIL import Image, ImageDraw, ImageFont
+from scipy import ndimage
+
+# The longer side of a preview's slice panels, px (the LGG slices' own 256).
+PREVIEW_SIDE = 256
 
 
 def _figure(**kwargs) -> Figure:
@@ -135,36 +141,79 @@ def volume_preview(flair, masks, path: str, title: str, reference=None, max_slic
     """Writes a patient's preview PNG: the slices with tumour (`preview_slices`), the
     prediction outlined in green on the FLAIR (and the reference in red, if given).
 
+    Drawn with numpy and Pillow, not matplotlib: an evaluation writes one per patient,
+    and a figure with its axes cost ten times the whole picture.
+
     Args:
         flair: [Z, h, w] FLAIR slices (any numeric type; each shown over its own range).
             May be smaller than the masks (the model's input side): it is stretched
             over the masks' extent.
         masks: [Z, H, W] bool predicted masks.
         path: output PNG path.
-        title: figure title (patient, lesion volume, review flag, notes).
+        title: title above the slices (patient, lesion volume, review flag, notes); lines
+            longer than the picture wrap.
         reference: optional [Z, H, W] bool ground truth.
         max_slices: most slices shown.
     """
     masks = np.asarray(masks, bool)
     shown = preview_slices(masks if reference is None else masks | reference, max_slices)
     height, width = masks.shape[1:]
-    fig = _figure(figsize=(2.4 * len(shown), 2.9))
-    axes = fig.subplots(1, len(shown), squeeze=False)[0]
-    extent = (0, width, height, 0)  # image and outlines on the masks' pixel grid
-    x, y = np.arange(width) + 0.5, np.arange(height) + 0.5  # pixel centres
-    for ax, z in zip(axes, shown, strict=True):
-        ax.imshow(flair[z], cmap="gray", extent=extent, interpolation="bilinear")
-        for mask, color in ((reference, "red"), (masks, "lime")):
+    scale = PREVIEW_SIDE / max(height, width)
+    size = (max(1, round(width * scale)), max(1, round(height * scale)))  # Pillow's (W, H)
+    panels = []
+    for z in shown:
+        panel = np.repeat(_gray(flair[z], size)[..., None], 3, axis=2)
+        for mask, color in ((reference, (255, 0, 0)), (masks, (0, 255, 0))):
             if mask is not None and mask[z].any():
-                outline = mask[z].astype(np.float32)
-                ax.contour(x, y, outline, levels=[0.5], colors=color, linewidths=1)
-        ax.set_xlim(0, width)
-        ax.set_ylim(height, 0)
-        ax.set_xticks([])
-        ax.set_yticks([])
-        ax.set_title(f"slice {z}", fontsize=8)
-    fig.suptitle(title, fontsize=8)
-    # Fixed margins (tight_layout measured every text) and light PNG compression: an
-    # evaluation writes one preview per patient.
-    fig.subplots_adjust(left=0.01, right=0.99, bottom=0.01, top=0.84, wspace=0.04)
-    fig.savefig(path, dpi=80, pil_kwargs={"compress_level": 1})
+                panel[_outline(_resized_mask(mask[z], size))] = color
+        panels.append(panel)
+    font = ImageFont.load_default(size=11)
+    pad, label = 4, 14  # px: margins and gaps; the "slice z" line above each panel
+    full_width = pad + len(panels) * (size[0] + pad)
+    lines = _wrapped(title, font, full_width - 2 * pad)
+    top = pad + 13 * len(lines) + pad
+    picture = Image.new("RGB", (full_width, top + label + size[1] + pad), "white")
+    draw = ImageDraw.Draw(picture)
+    draw.multiline_text((full_width // 2, pad), "\n".join(lines), "black", font, "ma", 2)
+    for i, (z, panel) in enumerate(zip(shown, panels, strict=True)):
+        x = pad + i * (size[0] + pad)
+        draw.text((x + size[0] // 2, top), f"slice {z}", "black", font, "ma")
+        picture.paste(Image.fromarray(panel), (x, top + label))
+    picture.save(path, compress_level=1)  # light compression: one per patient
+
+
+def _gray(image, size) -> np.ndarray:
+    """[h, w] image over its own range -> [H, W] uint8 gray, bilinear to `size` (W, H)."""
+    image = np.asarray(image, np.float32)
+    low, high = image.min(), image.max()
+    image = (image - low) * (255 / (high - low)) if high > low else np.zeros_like(image)
+    resized = Image.fromarray(image).resize(size, Image.Resampling.BILINEAR)
+    return np.clip(np.asarray(resized), 0, 255).astype(np.uint8)
+
+
+def _resized_mask(mask, size) -> np.ndarray:
+    """[H, W] bool -> nearest-neighbour resize to `size` (W, H), bool."""
+    resized = Image.fromarray(np.asarray(mask, np.uint8) * 255).resize(
+        size, Image.Resampling.NEAREST
+    )
+    return np.asarray(resized) > 127
+
+
+def _outline(mask) -> np.ndarray:
+    """A two-pixel band along the border of `mask` [H, W] bool: one pixel inside, one out."""
+    return ndimage.binary_dilation(mask) & ~ndimage.binary_erosion(mask)
+
+
+def _wrapped(text: str, font, width: int) -> list:
+    """`text`'s lines, each broken between words to fit `width` px in `font`."""
+    lines = []
+    for paragraph in text.split("\n"):
+        line = ""
+        for word in paragraph.split(" "):
+            candidate = f"{line} {word}" if line else word
+            if line and font.getlength(candidate) > width:
+                lines.append(line)
+                candidate = word
+            line = candidate
+        lines.append(line)
+    return lines

@@ -149,6 +149,13 @@ def test_preview_shows_the_slices_with_tumour(tmp_path):
     picture = image.imread(tmp_path / "p.png")
     green = (picture[..., 1] > 0.8) & (picture[..., 0] < 0.3) & (picture[..., 2] < 0.3)
     assert picture.shape[1] > picture.shape[0] and green.sum() > 20  # outlines drawn
+    red = (picture[..., 0] > 0.8) & (picture[..., 1] < 0.3) & (picture[..., 2] < 0.3)
+    assert red.sum() == 0  # the reference is drawn under the prediction, which covers it
+    # A title longer than the picture wraps onto more lines instead of running off it.
+    long_title = "P: 1 mL\n" + " ".join(["a note that runs on"] * 40)
+    visualize.volume_preview(flair, masks, str(tmp_path / "q.png"), long_title)
+    wrapped = image.imread(tmp_path / "q.png")
+    assert wrapped.shape[1] == picture.shape[1] and wrapped.shape[0] > picture.shape[0] + 30
 
 
 def test_html_report_renders_in_a_browser(study):
