@@ -26,13 +26,19 @@ def slice_counts(pred_masks, true_masks):
     Returns:
         Dict of [B] float32 arrays: `intersection` |P∩G|, `pred_area` |P|, `true_area` |G|.
     """
-    pred = pred_masks.reshape(pred_masks.shape[0], -1) > 0
-    true = true_masks.reshape(true_masks.shape[0], -1) > 0
+    pred, true = _flat_bool(pred_masks), _flat_bool(true_masks)
     return {
         "intersection": (pred & true).sum(axis=1).astype(np.float32),
         "pred_area": pred.sum(axis=1).astype(np.float32),
         "true_area": true.sum(axis=1).astype(np.float32),
     }
+
+
+def _flat_bool(masks):
+    """[B, ...] masks -> [B, pixels] bool; bool masks are not copied (an evaluation's
+    stack of masks is hundreds of MB)."""
+    flat = masks.reshape(masks.shape[0], -1)
+    return flat if flat.dtype == bool else flat > 0
 
 
 def dice(intersection, pred_area, true_area, empty: float = 1.0):
