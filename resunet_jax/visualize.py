@@ -167,18 +167,27 @@ def volume_preview(flair, masks, path: str, title: str, reference=None, max_slic
             if mask is not None and mask[z].any():
                 panel[_outline(_resized_mask(mask[z], size))] = color
         panels.append(panel)
-    font = ImageFont.load_default(size=11)
-    pad, label = 4, 14  # px: margins and gaps; the "slice z" line above each panel
+    # Text big enough to read where the report page shows the picture at half its size.
+    text_size, line, pad = 16, 20, 4  # px: the font, a line of text, margins and gaps
+    font = ImageFont.load_default(size=text_size)
     full_width = pad + len(panels) * (size[0] + pad)
     lines = _wrapped(title, font, full_width - 2 * pad)
-    top = pad + 13 * len(lines) + pad
-    picture = Image.new("RGB", (full_width, top + label + size[1] + pad), "white")
+    top = pad + line * len(lines) + pad
+    picture = Image.new("RGB", (full_width, top + line + size[1] + pad), "white")
     draw = ImageDraw.Draw(picture)
-    draw.multiline_text((full_width // 2, pad), "\n".join(lines), "black", font, "ma", 2)
+    draw.multiline_text(
+        (full_width // 2, pad),
+        "\n".join(lines),
+        fill="black",
+        font=font,
+        anchor="ma",
+        spacing=line - text_size,
+        align="center",
+    )
     for i, (z, panel) in enumerate(zip(shown, panels, strict=True)):
         x = pad + i * (size[0] + pad)
-        draw.text((x + size[0] // 2, top), f"slice {z}", "black", font, "ma")
-        picture.paste(Image.fromarray(panel), (x, top + label))
+        draw.text((x + size[0] // 2, top), f"slice {z}", fill="black", font=font, anchor="ma")
+        picture.paste(Image.fromarray(panel), (x, top + line))
     picture.save(path, compress_level=1)  # light compression: one per patient
 
 
