@@ -186,6 +186,20 @@ def _read_predictions(workdir):
     return rows, masks
 
 
+def _assert_same_predictions(expected, got):
+    """Two `_read_predictions` results agree: rows equal (tumour probabilities within
+    1e-5), masks identical."""
+    (expected_rows, expected_masks), (rows, masks) = expected, got
+    for a, b in zip(expected_rows, rows, strict=True):
+        assert float(a.pop("tumor_probability") or 0) == pytest.approx(
+            float(b.pop("tumor_probability") or 0), abs=1e-5
+        )
+        assert a == b
+    assert expected_masks.keys() == masks.keys()
+    for name, mask in expected_masks.items():
+        np.testing.assert_array_equal(masks[name], mask)
+
+
 def test_predict_on_onnx_runtime_writes_the_masks_and_csv_of_jax(tmp_path):
     checkpoint, _ = _checkpoint(tmp_path / "ckpt", 2)  # threshold 0.6: some slices gated
     _export(checkpoint, tmp_path / "unused", str(tmp_path / "ckpt" / "model.onnx"))
@@ -198,16 +212,9 @@ def test_predict_on_onnx_runtime_writes_the_masks_and_csv_of_jax(tmp_path):
         config.inference.backend = backend
         predict.predict(config, str(tmp_path / backend))
         results[backend] = _read_predictions(tmp_path / backend)
-    (jax_rows, jax_masks), (onnx_rows, onnx_masks) = results["jax"], results["onnx"]
+    jax_rows = results["jax"][0]
     assert len(jax_rows) == 4 and sum(bool(r["error"]) for r in jax_rows) == 1
-    for a, b in zip(jax_rows, onnx_rows, strict=True):
-        assert float(a.pop("tumor_probability") or 0) == pytest.approx(
-            float(b.pop("tumor_probability") or 0), abs=1e-5
-        )
-        assert a == b
-    assert jax_masks.keys() == onnx_masks.keys()
-    for name, mask in jax_masks.items():
-        np.testing.assert_array_equal(onnx_masks[name], mask)
+    _assert_same_predictions(results["jax"], results["onnx"])
 
 
 def test_eval_on_onnx_runtime_gives_the_jax_metrics(tiny_data, tmp_path):

@@ -9,6 +9,7 @@ import numpy as np
 import onnx
 import pytest
 from test_export import (
+    _assert_same_predictions,
     _checkpoint,
     _export,
     _jax_probabilities,
@@ -227,15 +228,7 @@ def test_predict_and_eval_on_openvino_write_the_jax_masks_csv_and_metrics(tiny_d
         with open(tmp_path / backend / "eval" / "metrics.json") as f:
             written = json.load(f)
         assert (written["backend"], written["precision"]) == (backend, "f32")
-    (jax_rows, jax_masks), (ov_rows, ov_masks) = results["jax"], results["openvino"]
-    for a, b in zip(jax_rows, ov_rows, strict=True):
-        assert float(a.pop("tumor_probability") or 0) == pytest.approx(
-            float(b.pop("tumor_probability") or 0), abs=1e-5
-        )
-        assert a == b
-    assert jax_masks.keys() == ov_masks.keys()
-    for name, mask in jax_masks.items():
-        np.testing.assert_array_equal(ov_masks[name], mask)
+    _assert_same_predictions(results["jax"], results["openvino"])
     assert summaries["openvino"].pop("backend") == "openvino"
     assert summaries["jax"].pop("backend") == "jax"
     assert summaries["openvino"] == summaries["jax"]
