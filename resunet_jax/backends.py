@@ -728,7 +728,7 @@ def resolve_backend(backend: str, checkpoint: str, precision: str = "auto") -> s
     """
     if backend != "auto":
         return backend
-    needs_openvino = precision not in ("auto", "f32")
+    needs_openvino = precision not in config_schema.FLOAT32_PRECISIONS
     if jax.default_backend() == "cpu" and all(
         map(graph_is_current, model_paths(checkpoint, "onnx"))
     ):
@@ -845,7 +845,7 @@ def restore(
     if precision is None:
         precision = config["inference"].get("precision", "auto") if config else "auto"
     backend = resolve_backend(backend, path, precision)
-    if backend != "openvino" and precision not in ("auto", "f32"):
+    if backend != "openvino" and precision not in config_schema.FLOAT32_PRECISIONS:
         raise errors.ConfigError(
             f"inference.precision={precision!r}: runs on inference.backend=openvino (or "
             f"auto), not {backend}"

@@ -32,6 +32,7 @@ MISSING_SEQUENCES = ("", "pre", "post", "both")  # eval.missing_sequences (input
 # inference.backend: backends.REGISTRY, and "auto" (backends.resolve_backend)
 BACKENDS = ("jax", "onnx", "openvino", "auto")
 PRECISIONS = ("auto", "f32", "bf16", "int8")  # inference.precision
+FLOAT32_PRECISIONS = ("auto", "f32")  # what jax and onnx run; the others need openvino
 
 
 def resolve_defaults(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -87,10 +88,8 @@ def validate(config: ml_collections.ConfigDict, mode: str) -> None:
     _choices(config, "eval.missing_sequences", MISSING_SEQUENCES)
     _choices(config, "inference.backend", BACKENDS)
     _choices(config, "inference.precision", PRECISIONS)
-    if config.inference.backend in ("jax", "onnx") and config.inference.precision not in (
-        "auto",
-        "f32",
-    ):
+    precision = config.inference.precision
+    if config.inference.backend in ("jax", "onnx") and precision not in FLOAT32_PRECISIONS:
         _fail(
             config,
             "inference.precision",
