@@ -13,6 +13,7 @@ post-processing); empty where it calls none, 0 for one model without flip TTA.
 """
 
 import collections
+import concurrent.futures
 import csv
 import json
 import os
@@ -131,6 +132,7 @@ class Evaluator:
             padded with False); in patient then slice order.
         """
         true_masks = self.slices["original_mask"] > 0
+        pred_masks = np.zeros(true_masks.shape, bool)  # filled batch by batch
         columns = collections.defaultdict(list)
         batches = list(self._batches())
         if progress_name:
@@ -140,16 +142,19 @@ class Evaluator:
             probs, tumor, std = model.probabilities(self.inputs(rows))
             sizes = self.slices["orig_height"][rows], self.slices["orig_width"][rows]
             small = postprocess.masks_at_original_size(probs, *sizes, model.pixel_threshold)
-            small_std = postprocess.probabilities_at_original_size(std, *sizes)
-            pred = np.zeros((len(rows), *true_masks.shape[1:]), bool)
+            if std.any():
+                small_std = postprocess.probabilities_at_original_size(std, *sizes)
+                columns["std_sum"].append(np.sum(small_std * small, axis=(1, 2)))
+            else:  # one view: no spread to resize
+                columns["std_sum"].append(np.zeros(len(rows), np.float32))
+            pred = pred_masks[rows[0] : rows[-1] + 1]  # a view: `_batches` rows are a range
             pred[:, : small.shape[1], : small.shape[2]] = small
             for k, v in metrics.slice_counts(pred, true_masks[rows]).items():
                 columns[k].append(np.asarray(v))
-            columns["std_sum"].append(np.sum(small_std * small, axis=(1, 2)))
             columns["tumor_prob"].append(tumor)
-            columns["pred_mask"].append(pred)
         out = {k: np.concatenate(v) for k, v in columns.items()}
         out.update(
+            pred_mask=pred_masks,
             true_mask=true_masks,
             patient_id=self.slices["patient_id"],
             slice_index=self.slices["slice_index"],
@@ -187,7 +192,8 @@ class Evaluator:
         if threshold is None:
             threshold = metrics.select_threshold(cols["tumor_prob"], true_tumor)
         gate = postprocess.tumour_slices(cols["tumor_prob"], threshold)
-        gated = cols["pred_mask"] & gate[:, None, None]
+        gated = cols["pred_mask"]
+        gated[~gate] = False  # in place: the masks of a whole split are hundreds of MB
         largest = postprocess.largest_component_per_patient(
             cols["patient_id"], cols["slice_index"], gated
         )
@@ -225,14 +231,21 @@ class Evaluator:
     def _previews(self, out_dir: str, patients: dict, masks, true_masks):
         """Writes each patient's preview (`run`) from its final masks [N, H, W]."""
         os.makedirs(out_dir, exist_ok=True)
-        for pid, row in patients.items():
-            rows = self.slices["patient_id"] == pid
+
+        def write(pid):
+            row, rows = patients[pid], self.slices["patient_id"] == pid
             path = os.path.join(out_dir, f"{pid}_preview.png")
             dice = "no tumour" if row["true_area"] == 0 else f"Dice {row['dice']:.3f}"
             title = f"{pid}: {dice}; reference red, prediction green"
             flair = self.slices["image"][rows, ..., 1]
             visualize.volume_preview(flair, masks[rows], path, title, true_masks[rows])
-            row["preview_file"] = path
+            return path
+
+        # In threads: numpy and Pillow release the GIL, and the cores that ran the model
+        # are idle by now.
+        with concurrent.futures.ThreadPoolExecutor() as pool:
+            for pid, path in zip(patients, pool.map(write, patients), strict=True):
+                patients[pid]["preview_file"] = path
 
     def results_grid(self, model: backends.Model, threshold: float, num_rows: int = 6):
         """The results grid (visualize.results_grid) of the first `num_rows` slices:

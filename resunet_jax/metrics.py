@@ -27,11 +27,11 @@ def slice_counts(pred_masks, true_masks):
         Dict of [B] float32 arrays: `intersection` |P∩G|, `pred_area` |P|, `true_area` |G|.
     """
     pred, true = _flat_bool(pred_masks), _flat_bool(true_masks)
-    return {
-        "intersection": (pred & true).sum(axis=1).astype(np.float32),
-        "pred_area": pred.sum(axis=1).astype(np.float32),
-        "true_area": true.sum(axis=1).astype(np.float32),
-    }
+
+    def count(flat):  # numpy sums bools twice as fast into int32 as into its default int64
+        return flat.sum(axis=1, dtype=np.int32).astype(np.float32)
+
+    return {"intersection": count(pred & true), "pred_area": count(pred), "true_area": count(true)}
 
 
 def _flat_bool(masks):

@@ -12,6 +12,8 @@ from matplotlib.figure import Figure
 from PIL import Image, ImageDraw, ImageFont
 from scipy import ndimage
 
+from resunet_jax import postprocess
+
 # The longer side of a preview's slice panels, px (the LGG slices' own 256).
 PREVIEW_SIDE = 256
 
@@ -210,7 +212,14 @@ def _resized_mask(mask, size) -> np.ndarray:
 
 def _outline(mask) -> np.ndarray:
     """A two-pixel band along the border of `mask` [H, W] bool: one pixel inside, one out."""
-    return ndimage.binary_dilation(mask) & ~ndimage.binary_erosion(mask)
+    band = np.zeros(mask.shape, bool)
+    box = postprocess.bounding_box(mask)
+    if box is None:
+        return band
+    # Drawn within the lesion's box and the one pixel the band reaches past it.
+    box = tuple(slice(max(s.start - 1, 0), s.stop + 1) for s in box)
+    band[box] = ndimage.binary_dilation(mask[box]) & ~ndimage.binary_erosion(mask[box])
+    return band
 
 
 def _wrapped(text: str, font, width: int) -> list:

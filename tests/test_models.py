@@ -95,8 +95,11 @@ def test_lacks_pre_contrast_finds_flair_copies_in_every_slice_of_the_context():
     centre_only[..., 3] = centre_only[..., 4]
     nearly = copied.copy()
     nearly[..., 0] += 1e-5  # rounding, not another image
-    found = models.lacks_pre_contrast(jnp.stack([complete, copied, centre_only, nearly]))
-    np.testing.assert_array_equal(found, [False, True, False, True])
+    batch = np.stack([complete, copied, centre_only, nearly])
+    for x in (batch, jnp.asarray(batch)):  # on a host backend's numpy and in the model
+        found = models.lacks_pre_contrast(x)
+        assert isinstance(found, type(x))
+        np.testing.assert_array_equal(found, [False, True, False, True])
 
 
 def test_no_contrast_routed_gives_each_slice_its_models_output():

@@ -1,4 +1,5 @@
 import numpy as np
+from scipy import ndimage
 
 from resunet_jax import postprocess
 
@@ -17,6 +18,24 @@ def test_keeps_the_largest_3d_component_across_slices():
     diagonal[0, 0, 0] = diagonal[1, 1, 1] = True
     np.testing.assert_array_equal(postprocess.largest_component_3d(diagonal), diagonal)
     assert not postprocess.largest_component_3d(np.zeros((2, 3, 3), bool)).any()
+
+
+def test_largest_component_labels_within_the_box_as_over_the_whole_volume():
+    rng = np.random.default_rng(0)
+    for trial in range(20):
+        volume = np.zeros((6, 20, 24), bool)
+        z, y, x = rng.integers(0, 3), rng.integers(0, 10), rng.integers(0, 12)
+        volume[z : z + 4, y : y + 9, x : x + 11] = rng.random((4, 9, 11)) < 0.15 + trial / 40
+        labels, num = ndimage.label(volume, structure=np.ones((3, 3, 3), bool))
+        expected = volume if num <= 1 else labels == np.argmax(np.bincount(labels.ravel())[1:]) + 1
+        np.testing.assert_array_equal(postprocess.largest_component_3d(volume), expected)
+
+
+def test_bounding_box():
+    mask = np.zeros((3, 5, 6), bool)
+    assert postprocess.bounding_box(mask) is None
+    mask[1, 2, 4] = mask[2, 3, 1] = True
+    assert postprocess.bounding_box(mask) == (slice(1, 3), slice(2, 4), slice(1, 5))
 
 
 def test_per_patient_uses_slice_order_not_input_order():

@@ -10,6 +10,7 @@ import sys
 import numpy as np
 import pytest
 from matplotlib import image
+from scipy import ndimage
 from selenium import webdriver
 from selenium.webdriver.common.by import By
 from test_predict import _export_tiny
@@ -156,6 +157,16 @@ def test_preview_shows_the_slices_with_tumour(tmp_path):
     visualize.volume_preview(flair, masks, str(tmp_path / "q.png"), long_title)
     wrapped = image.imread(tmp_path / "q.png")
     assert wrapped.shape[1] == picture.shape[1] and wrapped.shape[0] > picture.shape[0] + 30
+
+
+def test_outline_is_the_band_across_the_mask_border_up_to_the_image_edge():
+    mask = np.zeros((12, 10), bool)
+    mask[0:4, 5:10] = True  # touches the top and right edges
+    mask[8, 2] = True
+    expected = ndimage.binary_dilation(mask) & ~ndimage.binary_erosion(mask)
+    np.testing.assert_array_equal(visualize._outline(mask), expected)
+    assert visualize._outline(mask)[0, 9] and not visualize._outline(mask)[2, 7]
+    assert not visualize._outline(np.zeros((4, 4), bool)).any()
 
 
 def test_html_report_renders_in_a_browser(study):
