@@ -142,11 +142,8 @@ class Evaluator:
             probs, tumor, std = model.probabilities(self.inputs(rows))
             sizes = self.slices["orig_height"][rows], self.slices["orig_width"][rows]
             small = postprocess.masks_at_original_size(probs, *sizes, model.pixel_threshold)
-            if std.any():
-                small_std = postprocess.probabilities_at_original_size(std, *sizes)
-                columns["std_sum"].append(np.sum(small_std * small, axis=(1, 2)))
-            else:  # one view: no spread to resize
-                columns["std_sum"].append(np.zeros(len(rows), np.float32))
+            small_std = postprocess.probabilities_at_original_size(std, *sizes)
+            columns["std_sum"].append(np.sum(small_std * small, axis=(1, 2)))
             pred = pred_masks[rows[0] : rows[-1] + 1]  # a view: `_batches` rows are a range
             pred[:, : small.shape[1], : small.shape[2]] = small
             for k, v in metrics.slice_counts(pred, true_masks[rows]).items():

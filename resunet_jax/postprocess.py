@@ -57,6 +57,8 @@ def probabilities_at_original_size(prob_maps, heights, widths):
     """
     heights, widths = np.asarray(heights), np.asarray(widths)
     out = np.zeros((len(heights), heights.max(), widths.max()), np.float32)
+    if not np.any(prob_maps):  # zeros stay zeros (the s.d. of a single view)
+        return out
     sizes = np.stack([heights, widths], axis=1)
     # One resize call per distinct size (one per batch for the LGG data).
     for h, w in np.unique(sizes, axis=0):
