@@ -43,8 +43,11 @@ def _write_nifti(stack, path, scale=1.0, offset=0.0, dtype=np.uint8):
     return affine
 
 
-def _write_dicom(stack, folder, series_uid=None, description="FLAIR"):
-    """An MR series of uint16 slices, standard axial orientation, files in random order."""
+def _write_dicom(
+    stack, folder, series_uid=None, description="FLAIR", contrast="", coronal=False, study="1.2.3"
+):
+    """An MR series of uint16 slices, standard axial orientation (or coronal), files in
+    random order; `contrast` fills ContrastBolusAgent."""
     os.makedirs(folder, exist_ok=True)
     series_uid = series_uid or generate_uid()
     for k, image in enumerate(stack):
@@ -56,10 +59,16 @@ def _write_dicom(stack, folder, series_uid=None, description="FLAIR"):
         ds.file_meta = meta
         ds.SOPClassUID, ds.SOPInstanceUID = MRImageStorage, meta.MediaStorageSOPInstanceUID
         ds.Modality, ds.PatientID, ds.SeriesDescription = "MR", "P", description
-        ds.StudyInstanceUID, ds.SeriesInstanceUID = "1.2.3", series_uid
+        ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series_uid
         ds.InstanceNumber = k + 1
-        ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
-        ds.ImagePositionPatient = [0.0, 0.0, k * SPACING[2]]
+        if coronal:
+            ds.ImageOrientationPatient = [1, 0, 0, 0, 0, -1]
+            ds.ImagePositionPatient = [0.0, k * SPACING[2], 0.0]
+        else:
+            ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+            ds.ImagePositionPatient = [0.0, 0.0, k * SPACING[2]]
+        if contrast:
+            ds.ContrastBolusAgent = contrast
         ds.PixelSpacing = [SPACING[1], SPACING[0]]  # row spacing, column spacing
         ds.SliceThickness = SPACING[2]
         ds.Rows, ds.Columns = image.shape
@@ -307,6 +316,105 @@ def test_group_sources_follows_the_naming_convention(tmp_path):
         "c/two": {"flair": "c/two.nii.gz"},
         "d": {"flair": "d/D_FLAIR", "post": "d/D_T1_post"},
     }
+
+
+def test_dicom_series_roles_come_from_their_descriptions_where_names_say_none(tmp_path):
+    """A scanner's export (a folder per series, numbered): one patient, its FLAIR, T1 and
+    T1 post by SeriesDescription and ContrastBolusAgent, the most axial of two post
+    series; a T1 FLAIR is a T1; other series and a folder named by role keep theirs."""
+    stack = np.zeros((2, 8, 8), np.uint8)
+    series = {
+        "exam/SE1": dict(description="AX T2 FLAIR"),
+        "exam/SE2": dict(description="AX T1 FLAIR"),
+        "exam/SE3": dict(description="AX T1 SE", contrast="GADOVIST"),
+        "exam/SE4": dict(description="COR T1 +C", coronal=True),
+        "exam/SE5": dict(description="AX DWI"),
+        "exam/SE6": dict(description="3-plane localizer"),
+        "siemens/7": dict(description="t2_tirm_tra_dark-fluid"),
+        "siemens/8": dict(description="t1_se_tra pre-contrast"),
+        "named/FLAIR": dict(description="whatever"),
+        "named/9": dict(description="AX T1 C+"),
+        "loose/1": dict(description="AX T2"),
+        "loose/2": dict(description="AX T1"),
+        "flairs/A": dict(description="AX FLAIR", study="1.2.4"),
+        "flairs/B": dict(description="AX FLAIR", study="1.2.5"),
+    }
+    for name, tags in series.items():
+        _write_dicom(stack, tmp_path / name, **tags)
+    found = volumes.group_sources([str(tmp_path / n) for n in series], str(tmp_path))
+    by_name = {
+        v.name: ({r: os.path.relpath(p, tmp_path) for r, p in v.sequences.items()}, v.notes)
+        for v in found
+    }
+    assert by_name == {
+        "exam": (
+            {"flair": "exam/SE1", "pre": "exam/SE2", "post": "exam/SE3"},
+            (
+                "flair from DICOM series 'AX T2 FLAIR'",
+                "pre from DICOM series 'AX T1 FLAIR'",
+                "post from DICOM series 'AX T1 SE', the most axial of 2",
+            ),
+        ),
+        "siemens": (
+            {"flair": "siemens/7", "pre": "siemens/8"},
+            (
+                "flair from DICOM series 't2_tirm_tra_dark-fluid'",
+                "pre from DICOM series 't1_se_tra pre-contrast'",
+            ),
+        ),
+        "named": (
+            {"flair": "named/FLAIR", "post": "named/9"},
+            ("post from DICOM series 'AX T1 C+'",),
+        ),
+        # No FLAIR among them: each a FLAIR-only patient, as before ("not named a FLAIR").
+        "loose/1": ({"flair": "loose/1"}, ()),
+        "loose/2": ({"flair": "loose/2"}, ()),
+        # Two studies' series: two patients, however they are described.
+        "flairs/A": ({"flair": "flairs/A"}, ()),
+        "flairs/B": ({"flair": "flairs/B"}, ()),
+    }
+
+
+def test_a_scanners_dicom_export_predicts_as_its_named_series(tmp_path, model, scans):
+    """A CD export (DICOMDIR index, DICOM/ST1/SE1..5, roles only in the headers, a T2 and a
+    coronal T1 post beside them) gives the masks of the same series in named folders."""
+    root, stacks = scans
+    stack = stacks["P1"]
+    export = tmp_path / "cd"
+    study = export / "DICOM" / "ST1"
+    _write_dicom(stack[..., 1], study / "SE1", description="AX FLAIR")
+    _write_dicom(stack[..., 0], study / "SE2", description="AX T1")
+    _write_dicom(stack[..., 2], study / "SE3", description="AX T1", contrast="gadobutrol")
+    _write_dicom(stack[..., 0][::-1], study / "SE4", description="COR T1 +C", coronal=True)
+    _write_dicom(255 - stack[..., 1], study / "SE5", description="AX T2")
+    dose = Dataset()  # a dose report of the study: a series folder without images
+    dose.file_meta = FileMetaDataset()
+    dose.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    dose.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.88.67"  # Dose SR
+    dose.file_meta.MediaStorageSOPInstanceUID = dose.SOPInstanceUID = generate_uid()
+    dose.SOPClassUID, dose.Modality = dose.file_meta.MediaStorageSOPClassUID, "SR"
+    dose.StudyInstanceUID = "1.2.3"
+    os.makedirs(study / "SE6")
+    dose.save_as(study / "SE6" / "IM1", enforce_file_format=True)
+    index = Dataset()
+    index.file_meta = FileMetaDataset()
+    index.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    index.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.1.3.10"  # Media Storage Directory
+    index.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    index.save_as(export / "DICOMDIR", enforce_file_format=True)
+    rows, patients = _predict(model, export, tmp_path / "work", reframe=False)
+    assert [r["error"] for r in rows] == [""]
+    assert list(patients) == ["DICOM/ST1"]
+    _, named = _predict(model, root / "dicom" / "P1", tmp_path / "named", reframe=False)
+    assert patients["DICOM/ST1"]["notes"] == (
+        "flair from DICOM series 'AX FLAIR'; pre from DICOM series 'AX T1'; "
+        "post from DICOM series 'AX T1', the most axial of 2; " + named["P1"]["notes"]
+    )
+    ours = nib.load(tmp_path / "work" / "predict" / "DICOM" / "ST1_pred_mask.nii.gz")
+    theirs = nib.load(tmp_path / "named" / "predict" / "P1_pred_mask.nii.gz")
+    np.testing.assert_array_equal(np.asarray(ours.dataobj), np.asarray(theirs.dataobj))
+    np.testing.assert_allclose(ours.affine, theirs.affine)
+    assert np.asarray(ours.dataobj).any()  # else equal masks would prove little
 
 
 def test_to_uint8_keeps_8_bit_and_maps_other_types_by_their_range():

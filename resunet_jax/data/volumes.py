@@ -3,17 +3,25 @@
 Inputs (found by `predict.find_inputs`):
 - a NIfTI file (`.nii`, `.nii.gz`) holds one 3-D volume of one sequence;
 - a DICOM series is a folder holding the files (`.dcm`, or any file with the DICOM
-  preamble) of exactly one series; other files in it are ignored.
+  preamble) of exactly one series; other files in it, and a media index (`DICOMDIR`),
+  are ignored.
 
 Naming convention for several sequences of one patient: the NIfTI files and DICOM series
 folders side by side in one folder are one patient when one of them is a FLAIR. A
 source's role is read from its name, split at every character that is not a letter or a
-digit (case-insensitive), first match wins:
-- FLAIR: a part `flair` or `t2f` (`P1_flair.nii.gz`, BraTS 2023 `*-t2f.nii.gz`);
-- post-contrast: `post`, `t1c`, `t1ce`, `t1gd` (`P1_t1ce.nii.gz`, `P1_T1_post/`);
+digit (case-insensitive; `+C` and `C+` read as `post`), first match wins (`_role`):
+- FLAIR: a part `flair` or `t2f` (`P1_flair.nii.gz`, BraTS 2023 `*-t2f.nii.gz`), and no
+  T1 part (a T1-weighted FLAIR, GE's `AX T1 FLAIR`, is a T1);
+- post-contrast: `post`, `t1c`, `t1ce`, `t1gd`, `gd`, `gad`, `contrast`, and no `pre`
+  (`P1_t1ce.nii.gz`, `P1_T1_post/`, `AX T1 +C`);
 - pre-contrast: `pre`, `t1`, `t1n` (`P1_t1.nii.gz`, BraTS 2023 `*-t1n.nii.gz`).
-Other sources in such a folder (T2, segmentations) are skipped. Anywhere else, each
-source is a FLAIR-only patient. Names with a part `mask`, `seg` or `label` are ground
+A DICOM series folder whose name gives no role takes it from its SeriesDescription,
+read the same way, a T1 with a ContrastBolusAgent being post-contrast: so a scanner's
+export (a folder per series, named `SE000003` or `5`) is one patient. Where such
+descriptions name a role several times (an axial and a coronal T1 post), the series
+closest to axial is taken, then the one with the most files; a note says which. Other
+sources in such a folder (T2, DWI, localisers, segmentations) are skipped. Anywhere
+else, each source is a FLAIR-only patient. Names with a part `mask`, `seg` or `label` are ground
 truth and skipped, as `*_mask.tif` slices are. A missing pre- or post-contrast is filled
 with the FLAIR, as the LGG data fill a sequence that was not acquired (the shipped model
 then routes the slices to its network for scans without contrast).
@@ -53,12 +61,14 @@ from resunet_jax.data import harmonise
 
 # Channel order of a model input slice, as in the LGG .tif files.
 SEQUENCES = ("pre", "flair", "post")
-# Name parts that give a source's role, tried in this order (see the module docstring).
-_ROLES = (
-    ("flair", {"flair", "t2f"}),
-    ("post", {"post", "t1c", "t1ce", "t1gd"}),
-    ("pre", {"pre", "t1", "t1n"}),
-)
+# Name parts that give a source's role (`_role`; the module docstring).
+_FLAIR = {"flair", "t2f", "fluid"}  # "fluid": Siemens' "t2_tirm_tra_dark-fluid"
+_POST = {"post", "t1c", "t1ce", "t1gd", "gd", "gad", "contrast"}
+_PRE = {"pre", "t1", "t1n"}
+# A T1-weighted FLAIR (GE's "AX T1 FLAIR", common at 3 T) is a T1, not the FLAIR.
+_T1 = {"t1", "t1n", "t1c", "t1ce", "t1gd"}
+# Scanners' post-contrast shorthand ("AX T1 +C", "T1 C+"), read as the part "post".
+_PLUS_C = re.compile(r"(?<![a-z0-9])(\+c|c\+)(?![a-z0-9])")
 _GROUND_TRUTH = {"mask", "seg", "label", "labels"}
 _NIFTI = (".nii", ".nii.gz")
 # The training slices are axial, 3..6.5 mm apart; beyond these, a note says so.
@@ -78,11 +88,14 @@ class VolumeInput:
             always with "flair".
         problem: why the sources cannot make a volume ("" if they can); `read_volume`
             raises it, so the run's other patients are still predicted.
+        notes: how the sequences were found where their names did not say (roles read
+            from DICOM series descriptions), for patients.csv.
     """
 
     name: str
     sequences: dict
     problem: str = ""
+    notes: tuple = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -150,7 +163,10 @@ def is_nifti(path: str) -> bool:
 
 
 def is_dicom(path: str) -> bool:
-    """A `.dcm` file, or a file with the DICOM preamble ("DICM" at byte 128)."""
+    """A `.dcm` file, or a file with the DICOM preamble ("DICM" at byte 128); not a media
+    index (`DICOMDIR`, the name the standard gives it), which holds no image."""
+    if os.path.basename(path).upper() == "DICOMDIR":
+        return False
     if path.lower().endswith(".dcm"):
         return True
     try:
@@ -164,13 +180,60 @@ def _name_parts(path: str) -> set:
     name = os.path.basename(os.path.normpath(path)).lower()
     for ext in _NIFTI:
         name = name.removesuffix(ext)
-    return set(re.split(r"[^a-z0-9]+", name))
+    return _parts(name)
+
+
+def _parts(text: str) -> set:
+    return set(re.split(r"[^a-z0-9]+", _PLUS_C.sub(" post ", text.lower())))
+
+
+def _role(parts: set) -> str | None:
+    if parts & _FLAIR and not parts & _T1:
+        return "flair"
+    if parts & _POST and "pre" not in parts:  # "T1 pre-contrast", "T1 PRE GAD": pre
+        return "post"
+    return "pre" if parts & (_PRE | _T1) else None
 
 
 def role_of(path: str) -> str | None:
     """A source's sequence ("flair", "post", "pre") by its name, or None."""
-    parts = _name_parts(path)
-    return next((role for role, names in _ROLES if parts & names), None)
+    return _role(_name_parts(path))
+
+
+@dataclasses.dataclass(frozen=True)
+class _Series:
+    """What a DICOM series folder's header says of its role (`_series`)."""
+
+    role: str | None
+    study: str = ""  # StudyInstanceUID; "" where unreadable
+    description: str = ""
+    axial: float = 0.0  # |cosine| between the slice normal and the head's axis
+    num_files: int = 0
+
+
+def _series(folder: str) -> _Series:
+    """The study of a DICOM series folder and the role its first image header gives
+    (module docstring)."""
+    import pydicom  # only for DICOM input
+
+    names = [n for n in sorted(os.listdir(folder)) if is_dicom(os.path.join(folder, n))]
+    study = ""
+    for name in names:
+        try:
+            ds = pydicom.dcmread(os.path.join(folder, name), stop_before_pixels=True)
+            study = study or str(ds.get("StudyInstanceUID", ""))
+            if "Rows" not in ds:  # a report or a presentation state, not an image
+                continue
+            iop = np.asarray(ds.get("ImageOrientationPatient", [1, 0, 0, 0, 1, 0]), float)
+        except Exception:  # read_volume names a damaged file when the series is read
+            return _Series(None)
+        description = str(ds.get("SeriesDescription", ""))
+        role = _role(_parts(description))
+        if role == "pre" and str(ds.get("ContrastBolusAgent", "")).strip():
+            role = "post"
+        axial = float(abs(np.cross(iop[:3], iop[3:])[2]))  # unit direction cosines
+        return _Series(role, study, description, axial, len(names))
+    return _Series(None, study)
 
 
 def output_name(path: str, root: str) -> str:
@@ -201,17 +264,35 @@ def group_sources(sources: list[str], root: str) -> list[VolumeInput]:
             by_parent.setdefault(os.path.dirname(os.path.normpath(source)), []).append(source)
     patients = []
     for parent, members in by_parent.items():
-        if not any(role_of(m) == "flair" for m in members):
+        named = {m: role_of(m) for m in members}
+        # Series are one patient's by their headers only where all of the folder's
+        # sources are DICOM series of one study (not a folder of patients' FLAIRs).
+        series = {m: _series(m) for m in members if os.path.isdir(m)}
+        studies = {d.study for d in series.values()}
+        one_study = len(series) == len(members) and len(studies) == 1 and "" not in studies
+        described = {m: d for m, d in series.items() if one_study and named[m] is None}
+        if not any(r == "flair" for r in named.values()) and not any(
+            d.role == "flair" for d in described.values()
+        ):
             patients += [VolumeInput(output_name(m, root), {"flair": m}) for m in members]
             continue
         roles, problem = {}, ""
         for member in sorted(members):
-            role = role_of(member)
+            role = named[member]
             if role in roles:
                 problem = f"{member}: a second {role} volume in its folder (and {roles[role]})"
             elif role:
                 roles[role] = member
-        patients.append(VolumeInput(output_name(parent, root), roles, problem))
+        notes = []
+        for role in ("flair", "pre", "post"):
+            candidates = [m for m, d in described.items() if d.role == role]
+            if role in roles or not candidates:
+                continue
+            best = max(candidates, key=lambda m: (described[m].axial, described[m].num_files))
+            roles[role] = best
+            others = "" if len(candidates) == 1 else f", the most axial of {len(candidates)}"
+            notes.append(f"{role} from DICOM series {described[best].description!r}{others}")
+        patients.append(VolumeInput(output_name(parent, root), roles, problem, tuple(notes)))
     return sorted(patients, key=lambda p: p.name)
 
 
@@ -414,11 +495,11 @@ def read_volume(source: VolumeInput, reframe: bool = True) -> Volume:
     flair = harmonise.background_to_minimum(flair)
     flair_image = harmonise.canonical(nib.Nifti1Image(to_uint8(flair, flair_path), affine))
     head = harmonise.measure_head(np.asarray(flair_image.dataobj))
-    notes = []
+    notes = list(source.notes)
     stripped = harmonise.is_skull_stripped(np.asarray(flair_image.dataobj), head)
     if stripped:
         notes.append("skull-stripped")
-    if role_of(flair_path) != "flair" and not (_name_parts(description) & _ROLES[0][1]):
+    if role_of(flair_path) != "flair" and _role(_parts(description)) != "flair":
         named = f"{os.path.basename(os.path.normpath(flair_path))}" + (
             f", series {description!r}" if description else ""
         )
