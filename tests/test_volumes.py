@@ -306,6 +306,11 @@ def test_group_sources_follows_the_naming_convention(tmp_path):
         "d/D_T1_post",
     ]
     found = volumes.group_sources([str(tmp_path / n) for n in names], str(tmp_path))
+    # A series folder or file given as the root is a patient named by it.
+    os.makedirs(tmp_path / "d" / "D_FLAIR")
+    for root in (tmp_path / "d" / "D_FLAIR", tmp_path / "a" / "A_flair.nii.gz"):
+        (alone,) = volumes.group_sources([str(root)], str(root))
+        assert alone.name == root.name.removesuffix(".nii.gz")
     by_name = {
         v.name: {r: os.path.relpath(p, tmp_path) for r, p in v.sequences.items()} for v in found
     }

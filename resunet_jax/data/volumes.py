@@ -238,10 +238,12 @@ def _series(folder: str) -> _Series:
 
 def output_name(path: str, root: str) -> str:
     """A patient's output name: `path` below the input root without its NIfTI extension
-    (the root's own name when `path` is the root folder)."""
+    (the root's own name when `path` is the root folder or holds it: a series folder
+    given as the root is grouped under its parent)."""
     base = root if os.path.isdir(root) else os.path.dirname(root)
     rel = os.path.relpath(path, base)
-    rel = os.path.basename(os.path.abspath(root)) if rel == "." else rel
+    if rel == "." or rel == os.pardir or rel.startswith(os.pardir + os.sep):
+        rel = os.path.basename(os.path.abspath(root))
     for ext in _NIFTI:
         if rel.lower().endswith(ext):
             return rel[: -len(ext)]
