@@ -235,8 +235,8 @@ def test_each_bad_input_gets_one_error_and_the_others_are_predicted(tmp_path, mo
         tmp_path / "in" / "grids" / "g_t1ce.nii.gz",
     )
     (tmp_path / "in" / "notes.nii.gz").write_text("not a volume")
-    _write_dicom(flair, tmp_path / "in" / "mixed")
-    _write_dicom(flair[:2], tmp_path / "in" / "mixed", description="localizer")
+    _write_dicom(flair, tmp_path / "in" / "mixed")  # two patients' series in one folder
+    _write_dicom(flair, tmp_path / "in" / "mixed", description="AX FLAIR", study="9.8")
     _write_dicom(flair[:1], tmp_path / "in" / "single")
     os.makedirs(tmp_path / "in" / "empty")
     report = Dataset()
@@ -252,7 +252,7 @@ def test_each_bad_input_gets_one_error_and_the_others_are_predicted(tmp_path, mo
         "fourd.nii": "fourd.nii: a 4-D image of shape (8, 8, 4, 2); expected one 3-D volume",
         "flat.nii": "flat.nii: a 2-D image of shape (32, 32); expected one 3-D volume",
         "notes.nii.gz": "notes.nii.gz: not a readable NIfTI file",
-        "mixed": "mixed: 2 DICOM series in one folder ('FLAIR' (6 files), 'localizer' (2 files))",
+        "mixed": "mixed: 2 DICOM series in one folder ('AX FLAIR' (6 files), 'FLAIR' (6 files))",
         "empty": "empty: no DICOM image in this folder (1 other DICOM files)",
         "single": "single/",  # then the file: "...dcm: a single DICOM slice (2-D)"
     }
@@ -380,18 +380,24 @@ def test_dicom_series_roles_come_from_their_descriptions_where_names_say_none(tm
     }
 
 
-def test_a_scanners_dicom_export_predicts_as_its_named_series(tmp_path, model, scans):
-    """A CD export (DICOMDIR index, DICOM/ST1/SE1..5, roles only in the headers, a T2 and a
-    coronal T1 post beside them) gives the masks of the same series in named folders."""
+@pytest.mark.parametrize("flat", [False, True], ids=["folder_per_series", "one_folder"])
+def test_a_scanners_dicom_export_predicts_as_its_named_series(tmp_path, model, scans, flat):
+    """A CD export (DICOMDIR index, DICOM/ST1/SE1..6, roles only in the headers, a T2, a
+    coronal T1 post and a dose report beside them), or the same files in one folder, gives
+    the masks of the same series in named folders."""
     root, stacks = scans
     stack = stacks["P1"]
     export = tmp_path / "cd"
     study = export / "DICOM" / "ST1"
-    _write_dicom(stack[..., 1], study / "SE1", description="AX FLAIR")
-    _write_dicom(stack[..., 0], study / "SE2", description="AX T1")
-    _write_dicom(stack[..., 2], study / "SE3", description="AX T1", contrast="gadobutrol")
-    _write_dicom(stack[..., 0][::-1], study / "SE4", description="COR T1 +C", coronal=True)
-    _write_dicom(255 - stack[..., 1], study / "SE5", description="AX T2")
+
+    def series(name):
+        return study if flat else study / name
+
+    _write_dicom(stack[..., 1], series("SE1"), description="AX FLAIR")
+    _write_dicom(stack[..., 0], series("SE2"), description="AX T1")
+    _write_dicom(stack[..., 2], series("SE3"), description="AX T1", contrast="gadobutrol")
+    _write_dicom(stack[..., 0][::-1], series("SE4"), description="COR T1 +C", coronal=True)
+    _write_dicom(255 - stack[..., 1], series("SE5"), description="AX T2")
     dose = Dataset()  # a dose report of the study: a series folder without images
     dose.file_meta = FileMetaDataset()
     dose.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
@@ -399,8 +405,8 @@ def test_a_scanners_dicom_export_predicts_as_its_named_series(tmp_path, model, s
     dose.file_meta.MediaStorageSOPInstanceUID = dose.SOPInstanceUID = generate_uid()
     dose.SOPClassUID, dose.Modality = dose.file_meta.MediaStorageSOPClassUID, "SR"
     dose.StudyInstanceUID = "1.2.3"
-    os.makedirs(study / "SE6")
-    dose.save_as(study / "SE6" / "IM1", enforce_file_format=True)
+    os.makedirs(series("SE6"), exist_ok=True)
+    dose.save_as(series("SE6") / "IM1", enforce_file_format=True)
     index = Dataset()
     index.file_meta = FileMetaDataset()
     index.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian

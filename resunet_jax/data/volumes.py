@@ -3,8 +3,10 @@
 Inputs (found by `predict.find_inputs`):
 - a NIfTI file (`.nii`, `.nii.gz`) holds one 3-D volume of one sequence;
 - a DICOM series is a folder holding the files (`.dcm`, or any file with the DICOM
-  preamble) of exactly one series; other files in it, and a media index (`DICOMDIR`),
-  are ignored.
+  preamble) of one series; other files in it, and a media index (`DICOMDIR`), are
+  ignored. A folder holding several series of one study (a flat export) is one patient
+  whose sequences are chosen by description, as below; several studies in one folder
+  are refused.
 
 Naming convention for several sequences of one patient: the NIfTI files and DICOM series
 folders side by side in one folder are one patient when one of them is a FLAIR. A
@@ -90,12 +92,15 @@ class VolumeInput:
             raises it, so the run's other patients are still predicted.
         notes: how the sequences were found where their names did not say (roles read
             from DICOM series descriptions), for patients.csv.
+        series: role -> SeriesInstanceUID, for sequences that are one series of a folder
+            holding several.
     """
 
     name: str
     sequences: dict
     problem: str = ""
     notes: tuple = ()
+    series: dict = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -202,38 +207,83 @@ def role_of(path: str) -> str | None:
 
 @dataclasses.dataclass(frozen=True)
 class _Series:
-    """What a DICOM series folder's header says of its role (`_series`)."""
+    """What a DICOM series' headers say of its role (`_series`)."""
 
     role: str | None
     study: str = ""  # StudyInstanceUID; "" where unreadable
+    uid: str = ""  # SeriesInstanceUID
     description: str = ""
     axial: float = 0.0  # |cosine| between the slice normal and the head's axis
     num_files: int = 0
 
 
-def _series(folder: str) -> _Series:
-    """The study of a DICOM series folder and the role its first image header gives
-    (module docstring)."""
+_HEADER = (
+    "StudyInstanceUID",
+    "SeriesInstanceUID",
+    "SeriesDescription",
+    "ContrastBolusAgent",
+    "ImageOrientationPatient",
+    "Rows",
+)
+
+
+def _series(folder: str) -> list[_Series]:
+    """The image series in a DICOM folder and the role each one's first header gives
+    (module docstring); one _Series(None) where a file is unreadable or none is an image."""
     import pydicom  # only for DICOM input
 
-    names = [n for n in sorted(os.listdir(folder)) if is_dicom(os.path.join(folder, n))]
-    study = ""
-    for name in names:
+    found, study = {}, ""
+    for name in sorted(os.listdir(folder)):
+        path = os.path.join(folder, name)
+        if not os.path.isfile(path) or not is_dicom(path):
+            continue
         try:
-            ds = pydicom.dcmread(os.path.join(folder, name), stop_before_pixels=True)
-            study = study or str(ds.get("StudyInstanceUID", ""))
-            if "Rows" not in ds:  # a report or a presentation state, not an image
-                continue
+            ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=list(_HEADER))
             iop = np.asarray(ds.get("ImageOrientationPatient", [1, 0, 0, 0, 1, 0]), float)
         except Exception:  # read_volume names a damaged file when the series is read
-            return _Series(None)
+            return [_Series(None)]
+        study = study or str(ds.get("StudyInstanceUID", ""))
+        if "Rows" not in ds:  # a report or a presentation state, not an image
+            continue
+        uid = str(ds.get("SeriesInstanceUID", ""))
+        if uid in found:
+            found[uid] = dataclasses.replace(found[uid], num_files=found[uid].num_files + 1)
+            continue
         description = str(ds.get("SeriesDescription", ""))
         role = _role(_parts(description))
         if role == "pre" and str(ds.get("ContrastBolusAgent", "")).strip():
             role = "post"
         axial = float(abs(np.cross(iop[:3], iop[3:])[2]))  # unit direction cosines
-        return _Series(role, study, description, axial, len(names))
-    return _Series(None, study)
+        found[uid] = _Series(role, str(ds.get("StudyInstanceUID", "")), uid, description, axial, 1)
+    return list(found.values()) or [_Series(None, study)]
+
+
+def _one_study(series) -> bool:
+    studies = {s.study for s in series}
+    return len(studies) == 1 and "" not in studies
+
+
+def _by_description(described: dict, taken=()) -> tuple[dict, list]:
+    """The series each role not in `taken` is read from, by description.
+
+    Args:
+        described: key (a folder, or a series UID within one folder) -> _Series.
+        taken: roles already given by names.
+
+    Returns:
+        ({role: key}, the notes saying which series became which role).
+    """
+    chosen, notes = {}, []
+    for role in ("flair", "pre", "post"):
+        candidates = [k for k, d in described.items() if d.role == role]
+        if role in taken or not candidates:
+            continue
+        # The key last: a deterministic choice between equal series.
+        best = max(candidates, key=lambda k: (described[k].axial, described[k].num_files, k))
+        chosen[role] = best
+        others = "" if len(candidates) == 1 else f", the most axial of {len(candidates)}"
+        notes.append(f"{role} from DICOM series {described[best].description!r}{others}")
+    return chosen, notes
 
 
 def output_name(path: str, root: str) -> str:
@@ -266,13 +316,18 @@ def group_sources(sources: list[str], root: str) -> list[VolumeInput]:
             by_parent.setdefault(os.path.dirname(os.path.normpath(source)), []).append(source)
     patients = []
     for parent, members in by_parent.items():
+        series = {m: _series(m) for m in members if os.path.isdir(m)}
+        # A folder holding several series (a flat export) is a patient of its own.
+        for folder in [m for m, found in series.items() if len(found) > 1]:
+            members.remove(folder)
+            patients.append(_study_in_one_folder(folder, series.pop(folder), root))
+        if not members:
+            continue
         named = {m: role_of(m) for m in members}
         # Series are one patient's by their headers only where all of the folder's
         # sources are DICOM series of one study (not a folder of patients' FLAIRs).
-        series = {m: _series(m) for m in members if os.path.isdir(m)}
-        studies = {d.study for d in series.values()}
-        one_study = len(series) == len(members) and len(studies) == 1 and "" not in studies
-        described = {m: d for m, d in series.items() if one_study and named[m] is None}
+        one_study = len(series) == len(members) and _one_study(s[0] for s in series.values())
+        described = {m: s[0] for m, s in series.items() if one_study and named[m] is None}
         if not any(r == "flair" for r in named.values()) and not any(
             d.role == "flair" for d in described.values()
         ):
@@ -285,17 +340,22 @@ def group_sources(sources: list[str], root: str) -> list[VolumeInput]:
                 problem = f"{member}: a second {role} volume in its folder (and {roles[role]})"
             elif role:
                 roles[role] = member
-        notes = []
-        for role in ("flair", "pre", "post"):
-            candidates = [m for m, d in described.items() if d.role == role]
-            if role in roles or not candidates:
-                continue
-            best = max(candidates, key=lambda m: (described[m].axial, described[m].num_files))
-            roles[role] = best
-            others = "" if len(candidates) == 1 else f", the most axial of {len(candidates)}"
-            notes.append(f"{role} from DICOM series {described[best].description!r}{others}")
-        patients.append(VolumeInput(output_name(parent, root), roles, problem, tuple(notes)))
+        chosen, notes = _by_description(described, roles)
+        patients.append(
+            VolumeInput(output_name(parent, root), roles | chosen, problem, tuple(notes))
+        )
     return sorted(patients, key=lambda p: p.name)
+
+
+def _study_in_one_folder(folder: str, found: list, root: str) -> VolumeInput:
+    """A folder holding several DICOM series: one patient with its sequences by series
+    description where they are of one study and one is a FLAIR; else its own FLAIR-only
+    source, which `read_volume` refuses naming the series."""
+    chosen, notes = _by_description({s.uid: s for s in found}) if _one_study(found) else ({}, [])
+    if "flair" not in chosen:
+        return VolumeInput(output_name(folder, root), {"flair": folder})
+    sequences = {role: folder for role in chosen}
+    return VolumeInput(output_name(folder, root), sequences, "", tuple(notes), chosen)
 
 
 def to_uint8(image: np.ndarray, path: str) -> np.ndarray:
@@ -330,12 +390,13 @@ def _read_nifti(path: str):
     return data, image.affine, image.header, ""
 
 
-def _read_dicom(folder: str):
+def _read_dicom(folder: str, series_uid: str | None = None):
     """(data [columns, rows, slices] in slice order; RAS affine; None; its
-    SeriesDescription) of the folder's one DICOM series.
+    SeriesDescription) of the folder's one DICOM series (or of `series_uid` in it).
 
     Raises:
-        errors.DataError: unreadable files, no image, several series, multi-frame images,
+        errors.DataError: unreadable files, no image, several series (with no
+            `series_uid`), multi-frame images,
             slices of different size or orientation, or uneven slice positions.
     """
     import pydicom  # only for DICOM input
@@ -349,7 +410,7 @@ def _read_dicom(folder: str):
             ds = pydicom.dcmread(path)
         except Exception as e:  # pydicom raises many types for damaged files
             raise errors.DataError(f"{path}: unreadable DICOM ({type(e).__name__}: {e})") from e
-        if "PixelData" in ds:
+        if "PixelData" in ds and series_uid in (None, ds.get("SeriesInstanceUID", "")):
             images.append((path, ds))
         else:
             others += 1
@@ -363,11 +424,13 @@ def _read_dicom(folder: str):
     if len(series) > 1:
         described = ", ".join(
             f"{s[0].get('SeriesDescription', '?')!r} ({len(s)} files)"
-            for s in sorted(series.values(), key=len, reverse=True)
+            for s in sorted(
+                series.values(), key=lambda s: (-len(s), s[0].get("SeriesDescription", ""))
+            )
         )
         raise errors.DataError(
-            f"{folder}: {len(series)} DICOM series in one folder ({described}); "
-            "put each series in a folder of its own"
+            f"{folder}: {len(series)} DICOM series in one folder ({described}), of several "
+            "studies or none described as a FLAIR; put each series in a folder of its own"
         )
     first_path, first = images[0]
     if int(first.get("NumberOfFrames", 1)) > 1:
@@ -428,10 +491,11 @@ def _read_dicom(folder: str):
     return data, ras, None, str(first.get("SeriesDescription", ""))
 
 
-def _read_source(path: str):
-    """(data [X, Y, Z], affine, NIfTI header or None, DICOM SeriesDescription or "")."""
+def _read_source(path: str, series_uid: str | None = None):
+    """(data [X, Y, Z], affine, NIfTI header or None, DICOM SeriesDescription or "") of
+    a NIfTI file or a DICOM folder's series (its only one, or `series_uid`)."""
     data, affine, header, description = (
-        _read_dicom(path) if os.path.isdir(path) else _read_nifti(path)
+        _read_dicom(path, series_uid) if os.path.isdir(path) else _read_nifti(path)
     )
     if data.ndim == 4 and data.shape[3] == 1:  # a 3-D volume stored with a unit 4th axis
         data = data[..., 0]
@@ -493,7 +557,7 @@ def read_volume(source: VolumeInput, reframe: bool = True) -> Volume:
     if source.problem:
         raise errors.DataError(source.problem)
     flair_path = source.sequences["flair"]
-    flair, affine, header, description = _read_source(flair_path)
+    flair, affine, header, description = _read_source(flair_path, source.series.get("flair"))
     flair = harmonise.background_to_minimum(flair)
     flair_image = harmonise.canonical(nib.Nifti1Image(to_uint8(flair, flair_path), affine))
     head = harmonise.measure_head(np.asarray(flair_image.dataobj))
@@ -518,7 +582,7 @@ def read_volume(source: VolumeInput, reframe: bool = True) -> Volume:
         path = source.sequences.get(role)
         if path is None:
             continue
-        data, this_affine = _read_source(path)[:2]
+        data, this_affine = _read_source(path, source.series.get(role))[:2]
         data = harmonise.background_to_minimum(data)
         image = harmonise.canonical(nib.Nifti1Image(to_uint8(data, path), this_affine))
         same_grid = data.shape == flair.shape and np.allclose(this_affine, affine, atol=1e-3)
