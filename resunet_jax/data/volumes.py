@@ -49,6 +49,7 @@ sequence (`to_uint8`), which makes the result independent of the scanner's linea
 scaling.
 """
 
+import collections
 import dataclasses
 import os
 import re
@@ -232,7 +233,7 @@ def _series(folder: str) -> list[_Series]:
     (module docstring); one _Series(None) where a file is unreadable or none is an image."""
     import pydicom  # only for DICOM input
 
-    found, study = {}, ""
+    firsts, counts, study = {}, collections.Counter(), ""
     for name in sorted(os.listdir(folder)):
         path = os.path.join(folder, name)
         if not os.path.isfile(path) or not is_dicom(path):
@@ -243,19 +244,20 @@ def _series(folder: str) -> list[_Series]:
         except Exception:  # read_volume names a damaged file when the series is read
             return [_Series(None)]
         study = study or str(ds.get("StudyInstanceUID", ""))
-        if "Rows" not in ds:  # a report or a presentation state, not an image
-            continue
-        uid = str(ds.get("SeriesInstanceUID", ""))
-        if uid in found:
-            found[uid] = dataclasses.replace(found[uid], num_files=found[uid].num_files + 1)
-            continue
+        if "Rows" in ds:  # not a report or a presentation state
+            uid = str(ds.get("SeriesInstanceUID", ""))
+            counts[uid] += 1
+            firsts.setdefault(uid, (ds, iop))
+    found = []
+    for uid, (ds, iop) in firsts.items():
         description = str(ds.get("SeriesDescription", ""))
         role = _role(_parts(description))
         if role == "pre" and str(ds.get("ContrastBolusAgent", "")).strip():
             role = "post"
         axial = float(abs(np.cross(iop[:3], iop[3:])[2]))  # unit direction cosines
-        found[uid] = _Series(role, str(ds.get("StudyInstanceUID", "")), uid, description, axial, 1)
-    return list(found.values()) or [_Series(None, study)]
+        series_study = str(ds.get("StudyInstanceUID", ""))
+        found.append(_Series(role, series_study, uid, description, axial, counts[uid]))
+    return found or [_Series(None, study)]
 
 
 def _one_study(series) -> bool:
@@ -406,8 +408,8 @@ def _read_dicom(folder: str, series_uid: str | None = None):
         path = os.path.join(folder, name)
         if not os.path.isfile(path) or not is_dicom(path):
             continue
-        try:
-            ds = pydicom.dcmread(path)
+        try:  # pixels deferred: those of a folder's other series are never read
+            ds = pydicom.dcmread(path, defer_size="64 KB")
         except Exception as e:  # pydicom raises many types for damaged files
             raise errors.DataError(f"{path}: unreadable DICOM ({type(e).__name__}: {e})") from e
         if "PixelData" in ds and series_uid in (None, ds.get("SeriesInstanceUID", "")):
